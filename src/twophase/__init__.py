@@ -1,0 +1,1 @@
+"""twophase: transfer learning then fine-tuning as a DVC pipeline."""

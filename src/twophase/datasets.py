@@ -1,0 +1,268 @@
+"""Getting a dataset onto disk and describing it with one dataset-agnostic index.
+
+The index (data/index.csv) has one row per image: path, label, class_name, split ('train' or
+'test', the dataset's official split). Every later stage reads only the index, never a dataset
+class, so all datasets look alike from there on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from twophase.errors import TwophaseError
+
+INDEX_COLUMNS = ["path", "label", "class_name", "split"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+NETWORK_TIMEOUT_S = 20.0
+
+
+class DatasetError(TwophaseError):
+    """The dataset is missing, unreachable or malformed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TorchvisionSource:
+    """How one torchvision dataset class is asked for its official train and test splits."""
+
+    title: str
+    class_name: str
+    folder: str  # what torchvision creates under root
+    train_splits: tuple[str, ...]
+    test_split: str
+    manual: str  # what to place where, for machines without network
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+TORCHVISION_SOURCES = {
+    "oxford_iiit_pet": TorchvisionSource(
+        "Oxford-IIIT Pet",
+        "OxfordIIITPet",
+        "oxford-iiit-pet",
+        ("trainval",),
+        "test",
+        "images.tar.gz and annotations.tar.gz (or their extracted images/ and annotations/)",
+        (("target_types", "category"),),
+    ),
+    "flowers102": TorchvisionSource(
+        "Flowers102",
+        "Flowers102",
+        "flowers-102",
+        ("train", "val"),
+        "test",
+        "102flowers.tgz extracted to jpg/, plus imagelabels.mat and setid.mat",
+    ),
+    "dtd": TorchvisionSource(
+        "DTD",
+        "DTD",
+        "dtd",
+        ("train", "val"),
+        "test",
+        "dtd-r1.0.1.tar.gz (or its extracted dtd/ folder with images/ and labels/)",
+    ),
+    "fgvc_aircraft": TorchvisionSource(
+        "FGVC-Aircraft",
+        "FGVCAircraft",
+        "fgvc-aircraft-2013b",
+        ("trainval",),
+        "test",
+        "fgvc-aircraft-2013b.tar.gz extracted (fgvc-aircraft-2013b/data/...)",
+        (("annotation_level", "variant"),),
+    ),
+    "food101": TorchvisionSource(
+        "Food-101",
+        "Food101",
+        "food-101",
+        ("train",),
+        "test",
+        "food-101.tar.gz (or its extracted food-101/ folder with images/ and meta/)",
+    ),
+}
+
+
+def build_index(dataset: str, root: Path, download: bool = True) -> pd.DataFrame:
+    """Fetch (if needed) and index `dataset` under `root`."""
+    if dataset in TORCHVISION_SOURCES:
+        return index_torchvision(TORCHVISION_SOURCES[dataset], root, download)
+    if dataset == "digits":
+        return index_imagefolder(export_digits(root / "digits"))
+    if dataset == "imagefolder":
+        return index_imagefolder(root)
+    raise DatasetError(f"data.dataset: unknown dataset {dataset!r}")
+
+
+@contextmanager
+def network_timeout(seconds: float) -> Iterator[None]:
+    """Fail a dead connection in seconds rather than the OS's minutes."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def index_torchvision(source: TorchvisionSource, root: Path, download: bool) -> pd.DataFrame:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, source.class_name)
+    splits = [(name, "train") for name in source.train_splits] + [(source.test_split, "test")]
+    frames = []
+    for tv_split, split in splits:
+        try:
+            with network_timeout(NETWORK_TIMEOUT_S):
+                ds = cls(str(root), split=tv_split, download=download, **dict(source.extra))
+        except (OSError, RuntimeError) as err:  # urllib errors are OSErrors
+            raise DatasetError(_fetch_failure(source, root, err)) from err
+        files = getattr(ds, "_images", None) or getattr(ds, "_image_files", None)
+        if files is None:  # pragma: no cover - guards against torchvision renaming internals
+            raise DatasetError(f"cannot list the files of torchvision's {source.class_name}")
+        labels = list(ds._labels)
+        classes = list(ds.classes)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "path": [_portable(Path(f)) for f in files],
+                    "label": labels,
+                    "class_name": [classes[i] for i in labels],
+                    "split": split,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)[INDEX_COLUMNS]
+
+
+def _fetch_failure(source: TorchvisionSource, root: Path, err: Exception) -> str:
+    where = root / source.folder
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "corrupted" in reason.lower() or "md5" in reason.lower():
+        return (
+            f"{source.title} in {where} failed its checksum check ({reason}): delete the damaged "
+            f"archive and run again, or place a good copy there"
+        )
+    return (
+        f"could not fetch {source.title} into {where} ({reason}). Without network, either run the "
+        f"offline digits pipeline (make digits) or place {source.manual} in {where}/ and rerun"
+    )
+
+
+def export_digits(folder: Path) -> Path:
+    """scikit-learn's bundled 8x8 digits as PNGs in imagefolder layout (train/ and test/).
+
+    The digits have no official split: a fixed stratified 25 % is the test split, independent of
+    the experiment's seed so that every experiment is scored on the same images.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    indices = np.arange(len(images))
+    train_idx, test_idx = train_test_split(
+        indices, test_size=0.25, stratify=digits.target, random_state=0
+    )
+    for split, chosen in (("train", train_idx), ("test", test_idx)):
+        for i in chosen:
+            path = folder / split / str(digits.target[i]) / f"{i:04d}.png"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i]).save(path)
+    return folder
+
+
+def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Index root/train/<class>/* and root/test/<class>/* (or root/val/ as the test split)."""
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    if not root.is_dir():
+        raise DatasetError(
+            f"data.root: {str(root)!r} is not a folder (imagefolder expects "
+            "<root>/train/<class>/* and <root>/test/<class>/*)"
+        )
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DatasetError(
+            f"data.root: {str(root)!r} must hold train/<class>/ and test/<class>/ "
+            "(or val/<class>/) folders"
+        )
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{root / 'train'} has {len(classes)} class folder(s); a classifier needs at least 2"
+        )
+    rows = []
+    for split, split_dir in (("train", root / "train"), ("test", test_dir)):
+        extra = sorted({d.name for d in split_dir.iterdir() if d.is_dir()} - set(classes))
+        if extra:
+            raise DatasetError(f"{split_dir} has classes not in train/: {', '.join(extra)}")
+        skipped = 0
+        for label, name in enumerate(classes):
+            class_dir = split_dir / name
+            files = sorted(class_dir.rglob("*")) if class_dir.is_dir() else []
+            images = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+            skipped += sum(1 for f in files if f.is_file()) - len(images)
+            if split == "train" and not images:
+                raise DatasetError(f"{class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            rows += [(_portable(f), label, name, split) for f in images]
+        if skipped:
+            warn(f"{split_dir}: skipped {skipped} file(s) that are not images by their extension")
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    if not (index["split"] == "test").any():
+        raise DatasetError(f"{test_dir} holds no images")
+    return index
+
+
+def _portable(path: Path) -> str:
+    """Paths inside the project are stored relative to it, so a clone elsewhere still works."""
+    absolute = path.resolve()
+    try:
+        return absolute.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return absolute.as_posix()
+
+
+def read_index(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"path": str, "label": np.int64, "class_name": str})
+
+
+def class_names(index: pd.DataFrame) -> list[str]:
+    pairs = index[["label", "class_name"]].drop_duplicates().sort_values("label")
+    names: list[str] = pairs["class_name"].tolist()
+    if pairs["label"].tolist() != list(range(len(names))):
+        raise DatasetError("labels in the index must be 0..N-1, each with one class name")
+    return names
+
+
+def fetch_weights(arch: str, weights: str) -> str:
+    """Make sure pretrained weights are on disk (torch's hub cache); say what is used."""
+    import torch
+
+    from twophase.model import load_state_dict_file, weights_enum
+
+    enum = weights_enum(arch, weights)
+    if enum is None:
+        if weights.lower() != "none":
+            load_state_dict_file(Path(weights))
+        return weights
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    if not cached.is_file():
+        try:
+            with network_timeout(NETWORK_TIMEOUT_S):
+                enum.get_state_dict(progress=True, check_hash=True)
+        except (OSError, RuntimeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DatasetError(
+                f"could not fetch the {arch} weights {weights} from {enum.url} ({reason}). "
+                f"Without network, copy {cached.name} to {cached.parent}/, or set model.weights "
+                "to a local state-dict file or to none"
+            ) from err
+    return f"{type(enum).__name__}.{enum.name} ({cached})"

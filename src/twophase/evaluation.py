@@ -1,0 +1,77 @@
+"""The evaluate stage: both checkpoints on the test split, scored and drawn the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from twophase import features
+from twophase.checkpoint import first_trainable_block, load_checkpoint
+from twophase.images import array_batches
+from twophase.io import write_csv, write_json
+from twophase.metrics import confusion, score, side_by_side
+from twophase.model import tail_of
+from twophase.params import Params
+from twophase.plots import PHASE_TITLES, plot_confusion, plot_prediction_grid
+from twophase.runtime import autocast_dtype, resolve_device
+from twophase.train import predict
+
+GRID_IMAGES = 8
+
+
+def evaluate(
+    params: Params,
+    features_dir: Path,
+    split: pd.DataFrame,
+    checkpoints: dict[str, Path],
+    metrics_path: Path,
+    plots_dir: Path,
+) -> dict[str, Any]:
+    """Score each phase's checkpoint on the cached test inputs; write metrics, data and PNGs."""
+    device = resolve_device(params.device)
+    amp = autocast_dtype(device, params.precision)
+    test = features.load(features_dir, "test")
+    test_rows = split[split["subset"] == "test"].reset_index(drop=True)
+    rng = np.random.default_rng(params.seed)
+    grid_rows = np.sort(rng.choice(len(test_rows), min(GRID_IMAGES, len(test_rows)), replace=False))
+    scores: dict[str, dict[str, Any]] = {}
+    per_class = []
+    for phase, checkpoint_path in checkpoints.items():
+        network, checkpoint = load_checkpoint(checkpoint_path)
+        names: list[str] = checkpoint["class_names"]
+        first = first_trainable_block(checkpoint, network)
+        inputs = test.embeddings if first is None else test.activations
+        probs, labels = predict(
+            tail_of(network, first), array_batches(inputs, test.labels, 256), device, amp
+        )
+        predicted = probs.argmax(dim=1).numpy()
+        truth = labels.numpy()
+        scores[phase] = score(truth, predicted, names)
+        per_class += [{"phase": phase, **row} for row in scores[phase]["per_class"]]
+        write_csv(
+            pd.DataFrame(
+                {"actual": [names[i] for i in truth], "predicted": [names[i] for i in predicted]}
+            ),
+            plots_dir / f"predictions_{phase}.csv",
+        )
+        title = PHASE_TITLES[phase]
+        plot_confusion(
+            confusion(truth, predicted, len(names)),
+            names,
+            f"confusion matrix, {title}",
+            plots_dir / f"confusion_{phase}.png",
+        )
+        plot_prediction_grid(
+            test_rows["path"].iloc[grid_rows].tolist(),
+            [names[i] for i in truth[grid_rows]],
+            [names[i] for i in predicted[grid_rows]],
+            f"test predictions, {title}",
+            plots_dir / f"grid_{phase}.png",
+        )
+    write_csv(pd.DataFrame(per_class), plots_dir / "per_class.csv")
+    summary = side_by_side(scores["transfer"], scores["finetune"], len(test_rows))
+    write_json(summary, metrics_path)
+    return summary

@@ -1,0 +1,164 @@
+"""The frozen part of the network, run once per image, its outputs cached as .npy files.
+
+For each subset (train, val, test) the cache holds:
+- `<subset>_embeddings.npy`: the pooled backbone output, i.e. the head's input (phase 1);
+- `<subset>_activations.npy`: the input of the first unfrozen block (phase 2);
+- `<subset>_labels.npy`.
+Arrays are written batch by batch into memory-mapped files, so memory stays flat as the dataset
+grows, and are read back memory-mapped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from twophase.images import BatchOrder, ImageDataset, image_batches
+from twophase.io import atomic_path, read_json, write_json
+from twophase.model import Preprocessing, backbone_blocks, build_backbone, preprocessing
+from twophase.params import Params, unfrozen_blocks
+from twophase.runtime import autocast, autocast_dtype, resolve_device, seed_everything
+
+SUBSETS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SubsetFeatures:
+    embeddings: np.ndarray
+    activations: np.ndarray
+    labels: np.ndarray
+
+
+class FrozenTrunk(nn.Module):
+    """Blocks before the cut give the activations; the rest, pooled, give the embedding."""
+
+    def __init__(self, blocks: OrderedDict[str, nn.Module], cut: str) -> None:
+        super().__init__()
+        names = list(blocks)
+        position = names.index(cut)
+        self.before = nn.Sequential(OrderedDict((n, blocks[n]) for n in names[:position]))
+        self.after = nn.Sequential(OrderedDict((n, blocks[n]) for n in names[position:]))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        activations = self.before(images)
+        return activations, self.pool(self.after(activations))
+
+
+@torch.inference_mode()
+def extract(
+    trunk: FrozenTrunk,
+    subsets: dict[str, tuple[Sequence[str], Sequence[int]]],
+    out_dir: Path,
+    *,
+    image_size: int,
+    prep: Preprocessing,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Run the frozen trunk over every image once and write the cache folder atomically."""
+    trunk.to(device).eval()
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        shapes: dict[str, Any] = {}
+        for subset, (paths, labels) in subsets.items():
+            dataset = ImageDataset(paths, labels, image_size, prep)
+            order = BatchOrder(len(dataset), batch_size, shuffle=False)
+            loader = image_batches(dataset, order, num_workers)
+            act_file = emb_file = None
+            offset = 0
+            with tqdm(total=len(dataset), desc=f"features {subset}", unit="img") as bar:
+                for images, _ in loader:
+                    images = images.to(device, non_blocking=True)
+                    with autocast(device, amp_dtype):
+                        activations, embeddings = trunk(images)
+                    if act_file is None:
+                        act_file = _open(
+                            tmp / f"{subset}_activations.npy", len(dataset), activations.shape[1:]
+                        )
+                        emb_file = _open(
+                            tmp / f"{subset}_embeddings.npy", len(dataset), embeddings.shape[1:]
+                        )
+                    assert emb_file is not None
+                    end = offset + len(images)
+                    act_file[offset:end] = activations.float().cpu().numpy()
+                    emb_file[offset:end] = embeddings.float().cpu().numpy()
+                    offset = end
+                    bar.update(len(images))
+            if act_file is None or emb_file is None:
+                raise ValueError(f"the {subset} subset has no images")
+            act_file.flush()
+            emb_file.flush()
+            del act_file, emb_file
+            np.save(tmp / f"{subset}_labels.npy", np.asarray(labels, dtype=np.int64))
+            shapes[subset] = {"images": len(dataset)}
+        write_json({**(meta or {}), "subsets": shapes}, tmp / "meta.json")
+
+
+def _open(path: Path, rows: int, shape: torch.Size) -> np.memmap:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, *shape))
+
+
+def load(features_dir: Path, subset: str, in_memory: bool = False) -> SubsetFeatures:
+    """One subset of the cache; memory-mapped unless `in_memory`."""
+    mode: Literal["r"] | None = None if in_memory else "r"
+    return SubsetFeatures(
+        embeddings=np.load(features_dir / f"{subset}_embeddings.npy", mmap_mode=mode),
+        activations=np.load(features_dir / f"{subset}_activations.npy", mmap_mode=mode),
+        labels=np.load(features_dir / f"{subset}_labels.npy"),
+    )
+
+
+def load_meta(features_dir: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = read_json(features_dir / "meta.json")
+    return meta
+
+
+def extract_features(params: Params, split: pd.DataFrame, out_dir: Path) -> dict[str, Any]:
+    """The features stage: build the frozen trunk the params describe and cache its outputs."""
+    from twophase.datasets import class_names
+
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    cut = unfrozen_blocks(params.finetune.unfreeze)[0]
+    backbone = build_backbone(params.model.arch, params.model.weights)
+    trunk = FrozenTrunk(backbone_blocks(backbone), cut)
+    prep = preprocessing(params.model.arch, params.model.weights)
+    subsets = {
+        name: (rows["path"].tolist(), rows["label"].tolist())
+        for name in SUBSETS
+        for rows in [split[split["subset"] == name]]
+    }
+    meta = {
+        "arch": params.model.arch,
+        "weights": params.model.weights,
+        "image_size": params.data.image_size,
+        "cut": cut,
+        "preprocessing": asdict(prep),
+        "class_names": class_names(split),
+    }
+    extract(
+        trunk,
+        subsets,
+        out_dir,
+        image_size=params.data.image_size,
+        prep=prep,
+        batch_size=params.features.batch_size,
+        num_workers=params.features.num_workers,
+        device=device,
+        amp_dtype=autocast_dtype(device, params.precision),
+        meta=meta,
+    )
+    return meta

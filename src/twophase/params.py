@@ -1,0 +1,287 @@
+"""The params.yaml schema: typed sections, validated whole before any stage does heavy work.
+
+Every stage calls `load_params()` first, so a typo anywhere in params.yaml fails the very first
+stage of `dvc repro` in a second, naming the key in its dotted `-S` form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twophase.errors import TwophaseError
+
+DATASETS = (
+    "oxford_iiit_pet",
+    "flowers102",
+    "dtd",
+    "fgvc_aircraft",
+    "food101",
+    "digits",
+    "imagefolder",
+)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# torchvision ResNets share one layout: stem (conv1, bn1, relu, maxpool), 4 stages, avgpool, fc.
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+)
+BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ParamsError(TwophaseError, ValueError):
+    """A params.yaml problem, phrased as one line the user can act on."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dataset: str = "oxford_iiit_pet"
+    root: str = "data/raw"
+    val_ratio: float = 0.2
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        _check_choice("data.dataset", self.dataset, DATASETS)
+        _check(bool(self.root.strip()), "data.root", self.root, "a folder path")
+        _check(0.0 < self.val_ratio < 1.0, "data.val_ratio", self.val_ratio, "a number in (0, 1)")
+        _check(self.image_size >= 8, "data.image_size", self.image_size, "an integer >= 8")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    arch: str = "resnet18"
+    weights: str = "IMAGENET1K_V1"
+    dense_units: tuple[int, ...] = (256,)
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        _check_choice("model.arch", self.arch, ARCHS)
+        _check(bool(self.weights.strip()), "model.weights", self.weights, "a weights name")
+        _check(
+            len(self.dense_units) > 0 and all(u > 0 for u in self.dense_units),
+            "model.dense_units",
+            list(self.dense_units),
+            "a non-empty list of positive integers, e.g. [256]",
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    batch_size: int = 64
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "features.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.num_workers >= 0, "features.num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class PhaseParams:
+    """Optimisation settings shared by both phases (section name given by `_section`)."""
+
+    lr: float = 1e-4
+    epochs: int = 50
+    patience: int = 5
+    batch_size: int = 128
+
+    def _validate(self, section: str) -> None:
+        _check(self.lr > 0 and math.isfinite(self.lr), f"{section}.lr", self.lr, "a number > 0")
+        _check(self.epochs >= 1, f"{section}.epochs", self.epochs, "an integer >= 1")
+        _check(self.patience >= 1, f"{section}.patience", self.patience, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{section}.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TransferParams(PhaseParams):
+    def __post_init__(self) -> None:
+        self._validate("train_transfer")
+
+
+@dataclass(frozen=True)
+class FinetuneParams(PhaseParams):
+    lr: float = 1e-5
+    epochs: int = 15
+    unfreeze: tuple[str, ...] = ("layer4",)
+
+    def __post_init__(self) -> None:
+        self._validate("finetune")
+        check_unfreeze(self.unfreeze)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
+    train_transfer: TransferParams = field(default_factory=TransferParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+
+
+def check_unfreeze(unfreeze: tuple[str, ...]) -> None:
+    """Unfrozen blocks must be the network's last ones: everything before them is cached once."""
+    key, allowed = "finetune.unfreeze", "the last blocks, e.g. [layer4], [layer3, layer4] or [all]"
+    if unfreeze == ("all",):
+        return
+    for name in unfreeze:
+        _check_choice(key, name, (*BLOCKS, "all"))
+    _check(len(set(unfreeze)) == len(unfreeze), key, list(unfreeze), "blocks named once each")
+    _check(set(unfreeze) == set(BLOCKS[-len(unfreeze) :]), key, list(unfreeze), allowed)
+
+
+def unfrozen_blocks(unfreeze: tuple[str, ...]) -> tuple[str, ...]:
+    """The unfrozen blocks in network order ('all' expanded)."""
+    return BLOCKS if unfreeze == ("all",) else tuple(b for b in BLOCKS if b in unfreeze)
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ParamsError(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+
+def _check_choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(choices))
+
+
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-05` as a float (YAML 1.2), as `dvc exp run -S` writes it."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)"
+        r"|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12FloatLoader)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate the whole params file; raise ParamsError with one clear line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ParamsError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        raw = read_yaml(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_params(raw)
+
+
+def parse_params(raw: object) -> Params:
+    """Build Params from parsed YAML; unknown keys and wrong types are errors."""
+    if raw is None:
+        raw = {}
+    params: Params = _build(Params, raw, prefix="")
+    return params
+
+
+def _build(cls: type[Any], raw: object, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping of keys, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            valid = ", ".join(prefix + name for name in fields)
+            raise ParamsError(f"{prefix}{key}: unknown key{hint} (valid keys: {valid})")
+        kwargs[key] = _convert(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: object, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, key + ".")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ParamsError(f"{key}: expected a string, got {_describe(value)}")
+        return str(value)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {_describe(value)}")
+        return tuple(_convert(item_hint, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional params yet
+        raise TypeError(f"unsupported params type for {key}: {hint}")
+    raise TypeError(f"unsupported params type for {key}: {hint}")
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    """Plain nested dict (lists, not tuples) for checkpoints and reports."""
+    return typing.cast(dict[str, Any], _plain(dataclasses.asdict(params)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted form users pass to `dvc exp run -S`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,131 @@
+"""The two training phases: what trains, on which cached inputs, what each checkpoint holds.
+
+Phase 1 (transfer) trains only the head, on the cached pooled embeddings.
+Phase 2 (fine-tune) starts from phase 1's checkpoint and trains the unfrozen blocks and the head,
+on the cached activations entering the first unfrozen block.
+Both call the same `train.fit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from twophase import features
+from twophase.checkpoint import load_checkpoint, save_checkpoint
+from twophase.images import array_batches as batches
+from twophase.io import write_csv
+from twophase.model import Preprocessing, full_network, tail_of
+from twophase.params import BLOCKS, Params, unfrozen_blocks
+from twophase.runtime import autocast_dtype, resolve_device, seed_everything
+from twophase.train import EpochStats, FitResult, fit
+
+
+def cut_block(params: Params) -> str:
+    """The first unfrozen block of phase 2: everything before it is frozen and cached."""
+    return unfrozen_blocks(params.finetune.unfreeze)[0]
+
+
+def _history_writer(path: Path) -> Callable[[EpochStats], None]:
+    rows: list[EpochStats] = []
+
+    def on_epoch(stats: EpochStats) -> None:
+        rows.append(stats)
+        write_csv(pd.DataFrame([asdict(row) for row in rows]).round(6), path)
+
+    return on_epoch
+
+
+def train_transfer(
+    params: Params, features_dir: Path, checkpoint_path: Path, history_path: Path
+) -> FitResult:
+    """Phase 1: the head alone, on cached embeddings (held in memory: they are small)."""
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    meta = features.load_meta(features_dir)
+    train = features.load(features_dir, "train", in_memory=True)
+    val = features.load(features_dir, "val", in_memory=True)
+    network = full_network(
+        params.model.arch,
+        params.model.weights,
+        params.model.dense_units,
+        params.model.dropout,
+        len(meta["class_names"]),
+    )
+    phase = params.train_transfer
+    result = fit(
+        tail_of(network, None),
+        batches(train.embeddings, train.labels, phase.batch_size, True, params.seed),
+        batches(val.embeddings, val.labels, phase.batch_size, False, params.seed),
+        lr=phase.lr,
+        epochs=phase.epochs,
+        patience=phase.patience,
+        device=device,
+        amp_dtype=autocast_dtype(device, params.precision),
+        on_epoch=_history_writer(history_path),
+        desc="train_transfer",
+    )
+    save_checkpoint(
+        network.cpu(),
+        checkpoint_path,
+        phase="transfer",
+        params=params,
+        class_names=meta["class_names"],
+        prep=Preprocessing(**meta["preprocessing"]),
+        best_epoch=result.best_epoch,
+        best_val_loss=result.best_val_loss,
+        last_epoch=result.history[-1].epoch,
+    )
+    return result
+
+
+def finetune(
+    params: Params,
+    features_dir: Path,
+    transfer_checkpoint: Path,
+    checkpoint_path: Path,
+    history_path: Path,
+) -> FitResult:
+    """Phase 2: unfrozen blocks + head from phase 1's weights, on cached activations.
+
+    Epochs are numbered on from phase 1's last epoch, so both phases share one axis.
+    """
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    network, start = load_checkpoint(transfer_checkpoint)
+    cut = cut_block(params)
+    meta = features.load_meta(features_dir)
+    if meta["cut"] != cut:
+        raise ValueError(f"the feature cache was cut at {meta['cut']}, not {cut}: rerun features")
+    network.set_frozen(BLOCKS[: BLOCKS.index(cut)])
+    train = features.load(features_dir, "train")
+    val = features.load(features_dir, "val")
+    phase = params.finetune
+    result = fit(
+        tail_of(network, cut),
+        batches(train.activations, train.labels, phase.batch_size, True, params.seed),
+        batches(val.activations, val.labels, phase.batch_size, False, params.seed),
+        lr=phase.lr,
+        epochs=phase.epochs,
+        patience=phase.patience,
+        device=device,
+        amp_dtype=autocast_dtype(device, params.precision),
+        first_epoch=start["last_epoch"] + 1,
+        on_epoch=_history_writer(history_path),
+        desc="finetune",
+    )
+    save_checkpoint(
+        network.cpu(),
+        checkpoint_path,
+        phase="finetune",
+        params=params,
+        class_names=start["class_names"],
+        prep=Preprocessing(**start["preprocessing"]),
+        best_epoch=result.best_epoch,
+        best_val_loss=result.best_val_loss,
+        last_epoch=result.history[-1].epoch,
+    )
+    return result

@@ -1,0 +1,140 @@
+"""The report stage: one Markdown page a reviewer reads in a pull request.
+
+Images are linked relatively, so the page renders on GitHub next to the PNGs it names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from twophase.io import atomic_path, read_json
+from twophase.metrics import HEADLINE, top_confusions
+from twophase.params import Params, flatten, to_dict
+from twophase.plots import PHASE_TITLES, plot_curves
+
+PHASE_STAGES = {"transfer": "train_transfer", "finetune": "finetune"}
+
+
+def build_report(
+    params: Params,
+    metrics_dir: Path,
+    plots_dir: Path,
+    evaluate_dir: Path,
+    report_path: Path,
+    curves_dir: Path,
+) -> str:
+    histories = {
+        phase: pd.read_csv(plots_dir / stage / "history.csv").to_dict("records")
+        for phase, stage in PHASE_STAGES.items()
+    }
+    plot_curves(histories, "loss", curves_dir / "loss.png")
+    plot_curves(histories, "acc", curves_dir / "accuracy.png")
+    evaluation = read_json(metrics_dir / "evaluate.json")
+    training = {
+        phase: read_json(metrics_dir / f"{stage}.json") for phase, stage in PHASE_STAGES.items()
+    }
+
+    def link(path: Path) -> str:
+        return Path(os.path.relpath(path, report_path.parent)).as_posix()
+
+    lines = [
+        "# twophase report",
+        "",
+        f"{params.model.arch} ({params.model.weights}) on `{params.data.dataset}`, "
+        f"{evaluation['test_images']} test images; phase 2 unfreezes "
+        f"{', '.join(params.finetune.unfreeze)}.",
+        "",
+        "## Test metrics",
+        "",
+        _table(
+            ["metric", PHASE_TITLES["transfer"], PHASE_TITLES["finetune"], "delta (2 - 1)"],
+            [
+                [
+                    name,
+                    f"{evaluation['transfer'][name]:.4f}",
+                    f"{evaluation['finetune'][name]:.4f}",
+                    f"{evaluation['delta'][name]:+.4f}",
+                ]
+                for name in HEADLINE
+            ],
+        ),
+        "",
+        "## Training",
+        "",
+        _table(
+            ["", PHASE_TITLES["transfer"], PHASE_TITLES["finetune"]],
+            [
+                [key.replace("_", " ")] + [str(training[phase][key]) for phase in PHASE_STAGES]
+                for key in training["transfer"]
+            ],
+        ),
+        "",
+        f"![loss curves]({link(curves_dir / 'loss.png')})",
+        f"![accuracy curves]({link(curves_dir / 'accuracy.png')})",
+        "",
+        "## Params that differ from the defaults",
+        "",
+        _params_diff(to_dict(params), to_dict(Params())),
+        "",
+        "## Confusion",
+        "",
+    ]
+    for phase in PHASE_STAGES:
+        predictions = pd.read_csv(evaluate_dir / f"predictions_{phase}.csv", dtype=str)
+        lines += [
+            f"### {PHASE_TITLES[phase]}",
+            "",
+            f"![confusion matrix, {PHASE_TITLES[phase]}]"
+            f"({link(evaluate_dir / f'confusion_{phase}.png')})",
+            "",
+            "Most confused pairs:",
+            "",
+            _confused_pairs(predictions),
+            "",
+        ]
+    lines += ["## Test predictions", ""]
+    lines += [
+        f"![test predictions, {PHASE_TITLES[phase]}]({link(evaluate_dir / f'grid_{phase}.png')})"
+        for phase in PHASE_STAGES
+    ]
+    text = "\n".join(lines) + "\n"
+    with atomic_path(report_path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _params_diff(current: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
+    now, before = flatten(dict(current)), flatten(dict(defaults))
+    rows = [
+        [f"`{key}`", f"`{now[key]}`", f"`{before.get(key)}`"]
+        for key in now
+        if now[key] != before.get(key)
+    ]
+    if not rows:
+        return "None: this run used the default params."
+    return _table(["param", "value", "default"], rows)
+
+
+def _confused_pairs(predictions: pd.DataFrame, k: int = 5) -> str:
+    names = sorted(set(predictions["actual"]) | set(predictions["predicted"]))
+    position = {name: i for i, name in enumerate(names)}
+    matrix = (
+        pd.crosstab(predictions["actual"].map(position), predictions["predicted"].map(position))
+        .reindex(index=range(len(names)), columns=range(len(names)), fill_value=0)
+        .to_numpy()
+    )
+    pairs = top_confusions(matrix, names, k)
+    if not pairs:
+        return "None: every test image was classified correctly."
+    return _table(["true", "predicted as", "images"], [[t, p, str(n)] for t, p, n in pairs])

@@ -1,0 +1,85 @@
+"""Where and how tensors are computed: device, autocast, seeding, threads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+
+from twophase.params import ParamsError
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit choice must be available."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(
+            "device: 'cuda' was requested but no CUDA GPU is visible; use auto or cpu"
+        )
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ParamsError("device: 'mps' was requested but MPS is not available; use auto or cpu")
+    return torch.device(requested)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None to run in fp32.
+
+    'auto' means bf16 (or fp16 where bf16 is missing) on CUDA and fp32 elsewhere: on CPU bf16
+    autocast was measured slower than fp32 for ResNet18 (bench/RESULTS.md), so it is opt-in there.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ParamsError(f"precision: fp16 autocast needs a CUDA device, not {device.type}")
+    if precision == "bf16" and device.type == "mps":
+        raise ParamsError("precision: bf16 autocast is not supported on mps; use fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def worker_init(seed: int) -> Callable[[int], None]:
+    def init(worker_id: int) -> None:
+        np.random.seed(seed + worker_id)
+        random.seed(seed + worker_id)
+
+    return init
+
+
+def cpu_threads() -> int:
+    """Threads torch may use: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS/Windows
+        return os.cpu_count() or 1

@@ -1,0 +1,174 @@
+"""The one training loop: Adam on the trainable parameters, early stopping on val loss.
+
+Both phases call `fit`; they differ only in the model handed in (head alone, or the unfrozen blocks
+plus head) and in the batches (cached embeddings, cached activations, or streamed images).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from twophase.errors import TwophaseError
+from twophase.model import trainable_parameters
+from twophase.runtime import autocast
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class NonFiniteLossError(TwophaseError):
+    """The loss became NaN or infinite: the learning rate is almost always too high."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+
+
+@dataclass
+class FitResult:
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_val_acc: float = 0.0
+    stopped_early: bool = False
+    wall_seconds: float = 0.0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    def summary(self) -> dict[str, float | int | bool]:
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_loss": round(self.best_val_loss, 6),
+            "best_val_acc": round(self.best_val_acc, 6),
+            "epochs_run": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            "wall_seconds": round(self.wall_seconds, 2),
+        }
+
+    def history_rows(self) -> list[dict[str, float | int]]:
+        return [asdict(stats) for stats in self.history]
+
+
+def run_epoch(
+    model: nn.Module,
+    batches: Batches,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float, float]:
+    """One pass over `batches`; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+    training = optimizer is not None
+    model.train(training)
+    loss_sum, correct, seen = 0.0, 0, 0
+    with torch.set_grad_enabled(training):
+        for inputs, labels in batches:
+            inputs = inputs.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                logits = model(inputs)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            seen += len(labels)
+    if seen == 0:
+        raise ValueError("no batches to run: the split is empty")
+    return loss_sum / seen, correct / seen
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Batches,
+    val_batches: Batches,
+    *,
+    lr: float,
+    epochs: int,
+    patience: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    first_epoch: int = 1,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """Train until `epochs` or `patience` epochs without a better val loss; keep the best weights.
+
+    On return the model holds the weights of the best epoch (a deep copy taken then), whether or
+    not training stopped early.
+    """
+    model.to(device)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=lr)
+    use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    result = FitResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    start = time.perf_counter()
+    bar = tqdm(range(first_epoch, first_epoch + epochs), desc=desc, unit="epoch", leave=False)
+    for epoch in bar:
+        train_loss, train_acc = run_epoch(
+            model, train_batches, device, amp_dtype, optimizer, scaler
+        )
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"{desc}: training loss became {train_loss} in epoch {epoch} with lr={lr:g}; "
+                "lower the learning rate"
+            )
+        val_loss, val_acc = run_epoch(model, val_batches, device, amp_dtype)
+        stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc)
+        result.history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+        tqdm.write(
+            f"{desc} epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}"
+        )
+        if val_loss < result.best_val_loss:
+            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - result.best_epoch >= patience:
+            result.stopped_early = True
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    batches: Batches,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, labels) over all batches, on the CPU."""
+    model.to(device).eval()
+    probs, labels = [], []
+    for inputs, targets in batches:
+        with autocast(device, amp_dtype):
+            logits = model(inputs.to(device))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(targets)
+    return torch.cat(probs), torch.cat(labels)

@@ -1,0 +1,28 @@
+"""DVC stage `evaluate`: both phases' checkpoints on the test split, side by side."""
+
+from pathlib import Path
+
+import _src_path  # noqa: F401
+
+from twophase.datasets import read_index
+from twophase.evaluation import evaluate
+from twophase.params import load_params
+from twophase.stage import run_stage
+
+FEATURES = Path("data/features")
+SPLIT = Path("data/split.csv")
+CHECKPOINTS = {"transfer": Path("models/transfer.pt"), "finetune": Path("models/finetune.pt")}
+METRICS = Path("metrics/evaluate.json")
+PLOTS = Path("plots/evaluate")
+
+
+def main() -> None:
+    params = load_params()
+    summary = evaluate(params, FEATURES, read_index(SPLIT), CHECKPOINTS, METRICS, PLOTS)
+    for phase in CHECKPOINTS:
+        scores = summary[phase]
+        print(f"{phase}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1_macro']:.4f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,27 @@
+"""DVC stage `finetune`: phase 2, the unfrozen blocks and the head on the cached activations."""
+
+from pathlib import Path
+
+import _src_path  # noqa: F401
+
+from twophase.io import write_json
+from twophase.params import load_params
+from twophase.phases import finetune
+from twophase.stage import run_stage
+
+FEATURES = Path("data/features")
+TRANSFER = Path("models/transfer.pt")
+CHECKPOINT = Path("models/finetune.pt")
+METRICS = Path("metrics/finetune.json")
+HISTORY = Path("plots/finetune/history.csv")
+
+
+def main() -> None:
+    params = load_params()
+    result = finetune(params, FEATURES, TRANSFER, CHECKPOINT, HISTORY)
+    write_json(result.summary(), METRICS)
+    print(f"best epoch {result.best_epoch} (val acc {result.best_val_acc:.4f}) -> {CHECKPOINT}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

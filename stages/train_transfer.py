@@ -1,0 +1,26 @@
+"""DVC stage `train_transfer`: phase 1, the new head on the cached embeddings."""
+
+from pathlib import Path
+
+import _src_path  # noqa: F401
+
+from twophase.io import write_json
+from twophase.params import load_params
+from twophase.phases import train_transfer
+from twophase.stage import run_stage
+
+FEATURES = Path("data/features")
+CHECKPOINT = Path("models/transfer.pt")
+METRICS = Path("metrics/train_transfer.json")
+HISTORY = Path("plots/train_transfer/history.csv")
+
+
+def main() -> None:
+    params = load_params()
+    result = train_transfer(params, FEATURES, CHECKPOINT, HISTORY)
+    write_json(result.summary(), METRICS)
+    print(f"best epoch {result.best_epoch} (val acc {result.best_val_acc:.4f}) -> {CHECKPOINT}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
