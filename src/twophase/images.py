@@ -119,5 +119,7 @@ def image_batches(
         batch_sampler=order,  # type: ignore[arg-type]
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # its own generator: iterating must not consume the global RNG that dropout draws from
+        generator=torch.Generator().manual_seed(0),
         pin_memory=torch.cuda.is_available(),
     )

@@ -217,12 +217,21 @@ def _build(cls: type[Any], raw: object, prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            close = _closest(str(key), list(fields))
+            hint = f"; did you mean {prefix}{close}?" if close else ""
             valid = ", ".join(prefix + name for name in fields)
             raise ParamsError(f"{prefix}{key}: unknown key{hint} (valid keys: {valid})")
         kwargs[key] = _convert(hints[key], value, prefix + key)
     return cls(**kwargs)
+
+
+def _closest(key: str, valid: list[str]) -> str | None:
+    """The valid key a typo most likely meant: spelling first, then initials (learning_rate: lr)."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return close[0]
+    initials = "".join(part[0] for part in re.split(r"[_\W]+", key.lower()) if part)
+    return next((name for name in valid if name in (initials, key.lower())), None)
 
 
 def _convert(hint: Any, value: object, key: str) -> Any:

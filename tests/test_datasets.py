@@ -1,0 +1,258 @@
+"""Dataset loading through torchvision's own classes, on tiny fakes in their exact layouts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from tests.helpers import make_imagefolder, write_image
+from twophase.datasets import DatasetError, build_index, class_names, fetch_weights
+from twophase.model import WeightsError, build_backbone, weights_enum
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to reach the network fails at once, as on an offline node."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def fake_pet(root: Path) -> Path:
+    base = root / "oxford-iiit-pet"
+    ids = {
+        "trainval": ["Abyssinian_1", "Abyssinian_2", "american_bulldog_1", "american_bulldog_2"],
+        "test": ["Abyssinian_3", "american_bulldog_3"],
+    }
+    for split, names in ids.items():
+        lines = []
+        for i, image_id in enumerate(names):
+            write_image(base / "images" / f"{image_id}.jpg", seed=i)
+            label = 1 if image_id.startswith("Abyssinian") else 2
+            lines.append(f"{image_id} {label} {label} 1")
+        (base / "annotations").mkdir(parents=True, exist_ok=True)
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_oxford_pet_indexes_trainval_and_test_with_class_names(tmp_path: Path) -> None:
+    index = build_index("oxford_iiit_pet", fake_pet(tmp_path))
+    assert list(index.columns) == ["path", "label", "class_name", "split"]
+    assert (index["split"] == "train").sum() == 4 and (index["split"] == "test").sum() == 2
+    assert class_names(index) == ["Abyssinian", "American Bulldog"]
+    assert all(Path(p).is_file() for p in index["path"])
+
+
+def test_flowers102_uses_train_and_val_as_the_training_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scipy.io import savemat
+
+    base = tmp_path / "flowers-102"
+    for i in range(1, 10):
+        write_image(base / "jpg" / f"image_{i:05d}.jpg", seed=i)
+    savemat(base / "imagelabels.mat", {"labels": np.array([1, 2, 3] * 3)})
+    savemat(
+        base / "setid.mat",
+        {"trnid": np.array([1, 2, 3]), "valid": np.array([4, 5, 6]), "tstid": np.array([7, 8, 9])},
+    )
+    # The real checksums cannot match fake files: point the check at ours, the layout stays real.
+    files = dict(torchvision.datasets.Flowers102._file_dict)
+    files["label"] = ("imagelabels.mat", md5(base / "imagelabels.mat"))
+    files["setid"] = ("setid.mat", md5(base / "setid.mat"))
+    monkeypatch.setattr(torchvision.datasets.Flowers102, "_file_dict", files)
+    index = build_index("flowers102", tmp_path)
+    assert (index["split"] == "train").sum() == 6 and (index["split"] == "test").sum() == 3
+    assert class_names(index)[:2] == ["pink primrose", "hard-leaved pocket orchid"]
+
+
+def test_dtd_reads_partition_1(tmp_path: Path) -> None:
+    base = tmp_path / "dtd" / "dtd"
+    splits = {
+        "train1": ["banded/b_1.jpg", "dotted/d_1.jpg"],
+        "val1": ["banded/b_2.jpg", "dotted/d_2.jpg"],
+        "test1": ["banded/b_3.jpg", "dotted/d_3.jpg"],
+    }
+    (base / "labels").mkdir(parents=True)
+    for i, (name, files) in enumerate(splits.items()):
+        for j, rel in enumerate(files):
+            write_image(base / "images" / rel, seed=10 * i + j)
+        (base / "labels" / f"{name}.txt").write_text("\n".join(files) + "\n")
+    index = build_index("dtd", tmp_path)
+    assert (index["split"] == "train").sum() == 4
+    assert class_names(index) == ["banded", "dotted"]
+
+
+def test_fgvc_aircraft_reads_variants(tmp_path: Path) -> None:
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    data.mkdir(parents=True)
+    (data / "variants.txt").write_text("707-320\nA300B4\n")
+    entries = {
+        "trainval": [("1000001", "707-320"), ("1000002", "A300B4"), ("1000003", "A300B4")],
+        "test": [("1000004", "707-320"), ("1000005", "A300B4")],
+    }
+    for split, rows in entries.items():
+        for image_id, _ in rows:
+            write_image(data / "images" / f"{image_id}.jpg", seed=int(image_id) % 97)
+        (data / f"images_variant_{split}.txt").write_text("".join(f"{i} {v}\n" for i, v in rows))
+    index = build_index("fgvc_aircraft", tmp_path)
+    assert class_names(index) == ["707-320", "A300B4"]
+    assert index.groupby("split").size().to_dict() == {"test": 2, "train": 3}
+
+
+def test_food101_reads_meta_json(tmp_path: Path) -> None:
+    base = tmp_path / "food-101"
+    meta = {
+        "train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "ramen": ["ramen/3"]},
+        "test": {"apple_pie": ["apple_pie/4"], "ramen": ["ramen/5"]},
+    }
+    (base / "meta").mkdir(parents=True)
+    for split, classes in meta.items():
+        for rels in classes.values():
+            for rel in rels:
+                write_image(base / "images" / f"{rel}.jpg", seed=int(rel[-1]))
+        (base / "meta" / f"{split}.json").write_text(json.dumps(classes))
+    index = build_index("food101", tmp_path)
+    assert class_names(index) == ["apple_pie", "ramen"]
+    assert (index["split"] == "test").sum() == 2
+
+
+def test_offline_download_fails_fast_naming_what_to_fetch_and_where(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as caught:
+        build_index("oxford_iiit_pet", tmp_path)
+    message = str(caught.value)
+    assert "could not fetch Oxford-IIIT Pet" in message
+    assert "make digits" in message and "images.tar.gz" in message
+    assert str(tmp_path / "oxford-iiit-pet") in message
+    assert "\n" not in message
+
+
+def test_pre_placed_archives_are_used_without_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = fake_pet(tmp_path / "source") / "oxford-iiit-pet"
+    target = tmp_path / "raw" / "oxford-iiit-pet"
+    target.mkdir(parents=True)
+    resources = []
+    for folder, (url, _) in zip(
+        ("images", "annotations"), torchvision.datasets.OxfordIIITPet._RESOURCES, strict=True
+    ):
+        archive = target / url.rsplit("/", 1)[1]
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(source / folder, arcname=folder)
+        resources.append((url, md5(archive)))
+    monkeypatch.setattr(torchvision.datasets.OxfordIIITPet, "_RESOURCES", tuple(resources))
+    index = build_index("oxford_iiit_pet", tmp_path / "raw")
+    assert len(index) == 6
+
+
+def test_digits_export_in_imagefolder_layout(in_tmp: Path) -> None:
+    index = build_index("digits", Path("data/raw"))
+    assert len(index) == 1797
+    assert class_names(index) == [str(d) for d in range(10)]
+    assert index.groupby("split").size().to_dict() == {"test": 450, "train": 1347}
+    assert not Path(index["path"][0]).is_absolute(), "paths inside the project stay relative"
+    assert build_index("digits", Path("data/raw")).equals(index), "export is deterministic"
+
+
+def test_imagefolder_accepts_val_as_the_test_split(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "f", test_name="val")
+    index = build_index("imagefolder", root)
+    assert set(index["split"]) == {"train", "test"}
+    assert class_names(index) == ["cat", "dog"]
+
+
+def test_imagefolder_skips_non_image_files_with_a_warning(imagefolder: Path) -> None:
+    (imagefolder / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        index = build_index("imagefolder", imagefolder)
+    assert not index["path"].str.endswith(".txt").any()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda root: __import__("shutil").rmtree(root / "train" / "dog"), "1 class folder"),
+        (lambda root: [p.unlink() for p in (root / "train" / "dog").iterdir()], "holds no images"),
+        (lambda root: (root / "test" / "bird").mkdir(), "classes not in train/: bird"),
+        (lambda root: __import__("shutil").rmtree(root / "test"), "must hold train/<class>/"),
+    ],
+)
+def test_malformed_imagefolder_is_a_clear_error(imagefolder: Path, damage, message: str) -> None:
+    damage(imagefolder)
+    with pytest.raises(DatasetError, match=message):
+        build_index("imagefolder", imagefolder)
+
+
+def test_missing_imagefolder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="is not a folder"):
+        build_index("imagefolder", tmp_path / "nowhere")
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_missing_weights_offline_name_the_file_and_where_to_put_it(torch_home: Path) -> None:
+    with pytest.raises(DatasetError) as caught:
+        fetch_weights("resnet18", "IMAGENET1K_V1")
+    assert "resnet18-f37072fd.pth" in str(caught.value)
+    assert str(torch_home / "checkpoints") in str(caught.value)
+
+
+def test_weights_copied_into_the_hub_cache_load_offline(torch_home: Path) -> None:
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    (torch_home / "checkpoints").mkdir(parents=True)
+    torch.save(state, torch_home / "checkpoints" / "resnet18-f37072fd.pth")
+    assert "IMAGENET1K_V1" in fetch_weights("resnet18", "IMAGENET1K_V1")
+    backbone = build_backbone("resnet18", "IMAGENET1K_V1")
+    assert torch.equal(backbone.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_local_state_dict_file(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save({"state_dict": state}, tmp_path / "mine.pt")
+    backbone = build_backbone("resnet18", str(tmp_path / "mine.pt"))
+    assert torch.equal(
+        backbone.state_dict()["layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"]
+    )
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "other.pt")
+    with pytest.raises(WeightsError, match="does not fit resnet18"):
+        build_backbone("resnet18", str(tmp_path / "other.pt"))
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_backbone("resnet18", str(tmp_path / "absent.pt"))
+
+
+def test_unknown_weights_name_lists_the_valid_ones() -> None:
+    with pytest.raises(WeightsError, match="IMAGENET1K_V1"):
+        weights_enum("resnet18", "IMAGENET_V9")
+    assert weights_enum("resnet18", "none") is None
+    assert weights_enum("resnet50", "DEFAULT") is not None
+
+
+def test_index_round_trips_through_csv(tmp_path: Path, imagefolder: Path) -> None:
+    from twophase.datasets import read_index
+    from twophase.io import write_csv
+
+    index = build_index("imagefolder", imagefolder)
+    write_csv(index, tmp_path / "index.csv")
+    pd.testing.assert_frame_equal(read_index(tmp_path / "index.csv"), index)

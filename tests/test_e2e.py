@@ -1,0 +1,135 @@
+"""The real thing: `dvc repro` and `dvc exp run` in a temporary git repo, on offline digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import PROJECT
+
+pytestmark = pytest.mark.e2e
+
+TINY_DIGITS = {
+    "data": {"dataset": "digits", "image_size": 16},
+    "model": {"weights": "none"},
+    "features": {"num_workers": 0},
+    "train_transfer": {"lr": 0.003, "epochs": 3},
+    "finetune": {"epochs": 2},
+}
+STAGES = ("download", "split", "features", "train_transfer", "finetune", "evaluate", "report")
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=PROJECT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return [f for f in listed if (PROJECT / f).is_file()]
+
+
+def set_params(path: Path, overrides: dict) -> None:
+    import yaml
+
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(repo: Path, *args: str) -> str:
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("project")
+    for name in project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / name, repo / name)
+    set_params(repo / "params.yaml", TINY_DIGITS)
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
+    output = run(repo, "dvc", "repro")
+    assert ran(output) == set(STAGES)
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro")
+    return repo
+
+
+def test_repro_writes_every_declared_output(repo: Path) -> None:
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(evaluation) == {"test_images", "transfer", "finetune", "delta"}
+    assert evaluation["test_images"] == 450
+    for phase in ("train_transfer", "finetune"):
+        summary = json.loads((repo / f"metrics/{phase}.json").read_text())
+        assert summary["epochs_run"] >= 1 and summary["wall_seconds"] > 0
+    for name in (
+        "models/transfer.pt",
+        "models/finetune.pt",
+        "plots/report.md",
+        "plots/curves/loss.png",
+        "plots/evaluate/grid_finetune.png",
+        "plots/evaluate/confusion_transfer.png",
+        "data/features/test_activations.npy",
+    ):
+        assert (repo / name).is_file(), name
+    assert "![loss curves](curves/loss.png)" in (repo / "plots/report.md").read_text()
+    assert "No changes" in run(repo, "dvc", "status") or "up to date" in run(repo, "dvc", "status")
+
+
+def test_changing_finetune_lr_reruns_only_finetune_and_below(repo: Path) -> None:
+    output = run(repo, "dvc", "exp", "run", "-S", "finetune.lr=3e-5")
+    assert ran(output) == {"finetune", "evaluate", "report"}
+    for stage in ("download", "split", "features", "train_transfer"):
+        assert f"Stage '{stage}' didn't change, skipping" in output
+
+
+def test_changing_transfer_lr_does_not_recompute_features(repo: Path) -> None:
+    output = run(repo, "dvc", "exp", "run", "-S", "train_transfer.lr=0.002")
+    assert ran(output) == {"train_transfer", "finetune", "evaluate", "report"}
+    assert "Stage 'features' didn't change, skipping" in output
+
+
+def test_changing_val_ratio_reruns_split_and_below(repo: Path) -> None:
+    output = run(repo, "dvc", "exp", "run", "-S", "data.val_ratio=0.25")
+    assert ran(output) == set(STAGES) - {"download"}
+
+
+def test_metrics_and_plots_show_both_phases(repo: Path) -> None:
+    metrics = run(repo, "dvc", "metrics", "show")
+    for key in ("transfer.accuracy", "finetune.accuracy", "delta.f1_macro", "best_val_loss"):
+        assert key in metrics, key
+    run(repo, "dvc", "plots", "show", "-o", "plots_html")
+    page = (repo / "plots_html" / "index.html").read_text()
+    for name in (
+        "train_transfer/history.csv::val_loss",
+        "finetune/history.csv::val_loss",
+        "Confusion matrix, phase 1 (transfer)",
+        "Confusion matrix, phase 2 (fine-tune)",
+        "grid_finetune.png",
+    ):
+        assert name in page, name

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+
+from twophase.params import Params, ParamsError, load_params, parse_params, read_yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def test_project_params_file_is_valid_and_matches_the_reference_experiment() -> None:
+    params = load_params(PROJECT / "params.yaml")
+    assert params.data.dataset == "oxford_iiit_pet"
+    assert params.model.dense_units == (256,)
+    assert params.train_transfer.lr == pytest.approx(1e-4)
+    assert params.finetune.unfreeze == ("layer4",)
+
+
+def test_dvc_exp_run_spelling_of_small_floats_reads_as_float(tmp_path: Path) -> None:
+    # `dvc exp run -S finetune.lr=1e-5` writes `lr: 1e-05`, which YAML 1.1 reads as a string
+    path = tmp_path / "params.yaml"
+    path.write_text("finetune:\n  lr: 1e-05\ntrain_transfer:\n  lr: 3E-4\n")
+    params = load_params(path)
+    assert params.finetune.lr == 1e-05 and isinstance(params.finetune.lr, float)
+    assert params.train_transfer.lr == 3e-4
+
+
+def test_plain_yaml_values_keep_their_types() -> None:
+    assert read_yaml("a: 1\nb: 1.5\nc: text\nd: [1, 2]") == {
+        "a": 1,
+        "b": 1.5,
+        "c": "text",
+        "d": [1, 2],
+    }
+
+
+def test_missing_keys_take_defaults() -> None:
+    assert parse_params({}) == Params()
+    assert parse_params(None) == Params()
+
+
+def test_unknown_key_names_the_closest_valid_key() -> None:
+    with pytest.raises(
+        ParamsError,
+        match=r"finetune.learning_rate: unknown key; did you mean "
+        r"finetune.lr\?",
+    ):
+        parse_params({"finetune": {"learning_rate": 1e-5}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"data": {"dataset": "cifar"}}, r"data.dataset: 'cifar' is not allowed; expected one of"),
+        ({"data": {"val_ratio": 1.0}}, r"data.val_ratio: 1.0 is not allowed"),
+        ({"finetune": {"lr": 0}}, r"finetune.lr: 0.0 is not allowed; expected a number > 0"),
+        ({"train_transfer": {"batch_size": 0}}, r"train_transfer.batch_size: 0"),
+        ({"train_transfer": {"patience": 0}}, r"train_transfer.patience: 0"),
+        ({"finetune": {"unfreeze": ["layer9"]}}, r"finetune.unfreeze: 'layer9'"),
+        ({"finetune": {"unfreeze": ["layer3"]}}, r"finetune.unfreeze: \['layer3'\].*last blocks"),
+        ({"model": {"dense_units": []}}, r"model.dense_units: \[\]"),
+        ({"model": {"dense_units": [0]}}, r"model.dense_units: \[0\]"),
+        ({"model": {"dropout": 1.0}}, r"model.dropout: 1.0"),
+        ({"model": {"arch": "vgg16"}}, r"model.arch: 'vgg16'"),
+        ({"train_transfer": {"epochs": "ten"}}, r"train_transfer.epochs: expected an integer"),
+        ({"finetune": {"lr": True}}, r"finetune.lr: expected a number"),
+        ({"device": "tpu"}, r"device: 'tpu'"),
+        ({"finetune": 3}, r"finetune: expected a mapping"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_dotted_key(raw: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message) as caught:
+        parse_params(raw)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "unfreeze",
+    [
+        ["layer4"],
+        ["layer3", "layer4"],
+        ["layer4", "layer3"],
+        ["all"],
+        ["stem", "layer1", "layer2", "layer3", "layer4"],
+    ],
+)
+def test_unfreeze_accepts_the_last_blocks(unfreeze: list[str]) -> None:
+    parse_params({"finetune": {"unfreeze": unfreeze}})
+
+
+def test_invalid_yaml_is_a_params_error(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("finetune: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)

@@ -1,0 +1,190 @@
+"""The training loop does what the notebook did not: each test fails on the notebook's code."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import make_imagefolder
+from twophase.features import FrozenTrunk
+from twophase.images import ArrayBatches, BatchOrder, ImageDataset, array_batches, image_batches
+from twophase.model import Network, Preprocessing, build_head, full_network, tail_of
+from twophase.params import BLOCKS
+from twophase.train import NonFiniteLossError, fit, run_epoch
+
+CPU = torch.device("cpu")
+
+
+def separable_embeddings(n: int, dim: int = 8, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    centers = rng.normal(size=(classes, dim)) * 3
+    x = (centers[labels] + rng.normal(size=(n, dim))).astype(np.float32)
+    return x, labels.astype(np.int64)
+
+
+def noise_embeddings(n: int, dim: int = 8, classes: int = 3, seed: int = 0):
+    """No signal at all: training memorises, so validation loss rises after the first epochs."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, classes, n)
+
+
+def test_every_linear_of_the_head_trains() -> None:
+    torch.manual_seed(0)
+    head = build_head(8, [16, 12], dropout=0.3, num_classes=3)
+    before = copy.deepcopy(head.state_dict())
+    x, y = separable_embeddings(64)
+    fit(
+        Network(OrderedDict(), head),
+        array_batches(x, y, 16, True),
+        array_batches(x, y, 64),
+        lr=1e-2,
+        epochs=2,
+        patience=5,
+        device=CPU,
+    )
+    linears = [name for name, m in head.named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3
+    for name in linears:
+        assert not torch.equal(before[f"{name}.weight"], head.state_dict()[f"{name}.weight"]), name
+        assert not torch.equal(before[f"{name}.bias"], head.state_dict()[f"{name}.bias"]), name
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[int]]:
+    root = make_imagefolder(
+        tmp_path_factory.mktemp("imgs"), classes=("a", "b", "c"), train=6, test=0
+    )
+    paths = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
+    labels = ["abc".index(p.split("/")[-2]) for p in paths]
+    return paths, labels
+
+
+def tiny_network(classes: int = 3, dropout: float = 0.3) -> Network:
+    torch.manual_seed(0)
+    return full_network("resnet18", "none", [16], dropout, classes, frozen=BLOCKS[:4])
+
+
+def test_frozen_part_gets_no_gradient_and_its_batchnorm_stays_in_eval_mode(tiny_images) -> None:
+    paths, labels = tiny_images
+    network = tiny_network()
+    frozen_before = {n: copy.deepcopy(network.blocks[n].state_dict()) for n in BLOCKS[:4]}
+    layer4_before = copy.deepcopy(network.blocks["layer4"].state_dict())
+    data = ImageDataset(paths, labels, 32, Preprocessing())
+    batches = image_batches(data, BatchOrder(len(data), 6, shuffle=True))
+    fit(network, batches, batches, lr=1e-2, epochs=2, patience=5, device=CPU)
+
+    network.train()
+    for name in BLOCKS[:4]:
+        block = network.blocks[name]
+        assert not any(m.training for m in block.modules()), f"{name} left eval mode"
+        for key, value in block.state_dict().items():
+            # running_mean / running_var / num_batches_tracked included
+            assert torch.equal(value, frozen_before[name][key]), f"{name}.{key} changed"
+        assert all(p.grad is None and not p.requires_grad for p in block.parameters())
+    assert network.blocks["layer4"].training
+    changed = [
+        k
+        for k, v in network.blocks["layer4"].state_dict().items()
+        if not torch.equal(v, layer4_before[k])
+    ]
+    assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
+
+
+@pytest.mark.parametrize("patience", [2, 100])
+def test_early_stopping_restores_the_best_epoch_weights(patience: int) -> None:
+    torch.manual_seed(0)
+    head = build_head(8, [64], dropout=0.0, num_classes=3)
+    model = Network(OrderedDict(), head)
+    x, y = noise_embeddings(96, seed=1)
+    vx, vy = noise_embeddings(96, seed=2)
+    val = array_batches(vx, vy, 32)
+    result = fit(
+        model, array_batches(x, y, 16, True), val, lr=3e-2, epochs=12, patience=patience, device=CPU
+    )
+    last = result.history[-1]
+    assert result.best_epoch < last.epoch, "the test needs a best epoch before the last one"
+    assert result.stopped_early is (patience == 2)
+    restored_loss, _ = run_epoch(model, val, CPU)
+    assert restored_loss == pytest.approx(result.best_val_loss, abs=1e-6)
+    assert restored_loss != pytest.approx(last.val_loss, abs=1e-4)
+
+
+def test_a_nan_loss_stops_training_naming_epoch_and_lr() -> None:
+    torch.manual_seed(0)
+    model = Network(OrderedDict(), build_head(8, [16], 0.0, 3))
+    x, y = separable_embeddings(64)
+    x[5, 0] = np.inf
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1 with lr=0.1"):
+        fit(
+            model,
+            array_batches(x, y, 64),
+            array_batches(x, y, 64),
+            lr=0.1,
+            epochs=3,
+            patience=3,
+            device=CPU,
+        )
+
+
+def test_same_seed_gives_identical_training() -> None:
+    def run() -> list:
+        torch.manual_seed(7)
+        model = Network(OrderedDict(), build_head(8, [16], 0.3, 3))
+        x, y = separable_embeddings(64)
+        result = fit(
+            model,
+            array_batches(x, y, 16, True, seed=7),
+            array_batches(x, y, 64),
+            lr=1e-2,
+            epochs=3,
+            patience=3,
+            device=CPU,
+        )
+        return result.history_rows()
+
+    assert run() == run()
+
+
+def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images) -> None:
+    """Phase 2 on cached layer3 outputs == running the frozen trunk inside the loop."""
+    paths, labels = tiny_images
+    streamed_net = tiny_network(dropout=0.3)
+    cached_net = copy.deepcopy(streamed_net)
+    data = ImageDataset(paths, labels, 32, Preprocessing())
+
+    trunk = FrozenTrunk(cached_net.blocks, "layer4").eval()
+    with torch.inference_mode():
+        activations = torch.cat(
+            [trunk(x)[0] for x, _ in image_batches(data, BatchOrder(len(data), 5, False))]
+        ).numpy()
+    labels_array = np.asarray(labels)
+
+    torch.manual_seed(3)
+    streamed = fit(
+        streamed_net,
+        image_batches(data, BatchOrder(len(data), 6, True, seed=3)),
+        image_batches(data, BatchOrder(len(data), 6, False)),
+        lr=1e-3,
+        epochs=2,
+        patience=5,
+        device=CPU,
+    )
+    torch.manual_seed(3)
+    cached = fit(
+        tail_of(cached_net, "layer4"),
+        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, True, seed=3)),
+        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, False)),
+        lr=1e-3,
+        epochs=2,
+        patience=5,
+        device=CPU,
+    )
+    for s, c in zip(streamed.history, cached.history, strict=True):
+        assert s.train_loss == pytest.approx(c.train_loss, abs=1e-4)
+        assert s.val_loss == pytest.approx(c.val_loss, abs=1e-4)
