@@ -262,7 +262,8 @@ def fetch_weights(arch: str, weights: str) -> str:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DatasetError(
                 f"could not fetch the {arch} weights {weights} from {enum.url} ({reason}). "
-                f"Without network, copy {cached.name} to {cached.parent}/, or set model.weights "
-                "to a local state-dict file or to none"
+                f"Without network, copy {cached.name} to {cached.parent}/, set model.weights "
+                "to a local state-dict file or to none, or run the offline digits pipeline "
+                "(make digits)"
             ) from err
     return f"{type(enum).__name__}.{enum.name} ({cached})"

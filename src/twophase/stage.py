@@ -13,6 +13,7 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except TwophaseError as err:
+        sys.stdout.flush()
         print(f"twophase: error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -1,0 +1,117 @@
+"""The stage functions on a tiny imagefolder: features once, two phases, evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_imagefolder
+from twophase import features
+from twophase.checkpoint import load_checkpoint
+from twophase.datasets import build_index
+from twophase.evaluation import evaluate
+from twophase.images import array_batches
+from twophase.model import tail_of
+from twophase.params import Params, parse_params
+from twophase.phases import finetune, train_transfer
+from twophase.split import split_index
+from twophase.train import run_epoch
+
+CPU = torch.device("cpu")
+
+
+def tiny_params(**overrides: dict) -> Params:
+    raw = {
+        "device": "cpu",
+        "data": {"dataset": "imagefolder", "image_size": 32, "val_ratio": 0.25},
+        "model": {"weights": "none", "dense_units": [16]},
+        "features": {"batch_size": 8, "num_workers": 0},
+        "train_transfer": {"lr": 0.01, "epochs": 6, "batch_size": 8},
+        "finetune": {"lr": 0.001, "epochs": 2, "batch_size": 8},
+    }
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phases")
+    make_imagefolder(root / "images", classes=("a", "b", "c"), train=8, test=3)
+    params = tiny_params()
+    split = split_index(build_index("imagefolder", root / "images"), 0.25, params.seed)
+    split.to_csv(root / "split.csv", index=False)
+    features.extract_features(params, split, root / "features")
+    return root
+
+
+def test_feature_cache_holds_every_subset_memory_mapped(workdir: Path) -> None:
+    meta = features.load_meta(workdir / "features")
+    assert meta["cut"] == "layer4" and meta["class_names"] == ["a", "b", "c"]
+    train = features.load(workdir / "features", "train")
+    assert isinstance(train.activations, np.memmap)
+    assert train.embeddings.shape == (18, 512)
+    assert train.activations.shape == (18, 256, 2, 2)  # layer3's output at 32 px
+    assert (
+        features.load(workdir / "features", "test").labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    )
+
+
+def test_checkpoint_holds_the_best_epoch_and_runs_are_identical(workdir: Path) -> None:
+    params = tiny_params()
+    runs = []
+    for attempt in range(2):
+        ckpt = workdir / f"transfer{attempt}.pt"
+        result = train_transfer(params, workdir / "features", ckpt, workdir / f"h{attempt}.csv")
+        runs.append((result, ckpt))
+    (first, ckpt), (second, ckpt2) = runs
+    assert {k: v for k, v in first.summary().items() if k != "wall_seconds"} == {
+        k: v for k, v in second.summary().items() if k != "wall_seconds"
+    }
+    assert (workdir / "h0.csv").read_bytes() == (workdir / "h1.csv").read_bytes()
+    network, meta = load_checkpoint(ckpt)
+    other, _ = load_checkpoint(ckpt2)
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key
+    val = features.load(workdir / "features", "val")
+    loss, _ = run_epoch(tail_of(network, None), array_batches(val.embeddings, val.labels, 8), CPU)
+    assert loss == pytest.approx(first.best_val_loss, abs=1e-5)
+    assert meta["best_epoch"] == first.best_epoch
+
+
+def test_finetune_continues_from_phase_one_and_evaluate_scores_both(workdir: Path) -> None:
+    params = tiny_params()
+    feats = workdir / "features"
+    first = train_transfer(params, feats, workdir / "t.pt", workdir / "t.csv")
+    second = finetune(params, feats, workdir / "t.pt", workdir / "f.pt", workdir / "f.csv")
+    assert second.history[0].epoch == first.history[-1].epoch + 1
+    network, meta = load_checkpoint(workdir / "f.pt")
+    assert meta["frozen"] == ["stem", "layer1", "layer2", "layer3"]
+    phase1, _ = load_checkpoint(workdir / "t.pt")
+    for name in ("stem", "layer3"):
+        block_a, block_b = network.blocks[name].state_dict(), phase1.blocks[name].state_dict()
+        assert all(torch.equal(block_a[k], block_b[k]) for k in block_a), name
+    import pandas as pd
+
+    summary = evaluate(
+        params,
+        feats,
+        pd.read_csv(workdir / "split.csv"),
+        {"transfer": workdir / "t.pt", "finetune": workdir / "f.pt"},
+        workdir / "evaluate.json",
+        workdir / "plots",
+    )
+    assert summary["test_images"] == 9
+    assert summary["delta"]["accuracy"] == pytest.approx(
+        summary["finetune"]["accuracy"] - summary["transfer"]["accuracy"], abs=1e-6
+    )
+    for name in (
+        "confusion_transfer.png",
+        "grid_finetune.png",
+        "predictions_finetune.csv",
+        "per_class.csv",
+    ):
+        assert (workdir / "plots" / name).is_file()
