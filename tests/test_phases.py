@@ -10,10 +10,10 @@ import torch
 
 from tests.helpers import make_imagefolder
 from twophase import features
+from twophase.batches import array_batches
 from twophase.checkpoint import load_checkpoint
 from twophase.datasets import build_index
 from twophase.evaluation import evaluate
-from twophase.images import array_batches
 from twophase.model import tail_of
 from twophase.params import Params, parse_params
 from twophase.phases import finetune, train_transfer
@@ -54,7 +54,7 @@ def test_feature_cache_holds_every_subset_memory_mapped(workdir: Path) -> None:
     train = features.load(workdir / "features", "train")
     assert isinstance(train.activations, np.memmap)
     assert train.embeddings.shape == (18, 512)
-    assert train.activations.shape == (18, 256, 2, 2)  # layer3's output at 32 px
+    assert train.activations.shape == (18, 2, 2, 256)  # layer3's output at 32 px, NHWC
     assert (
         features.load(workdir / "features", "test").labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     )

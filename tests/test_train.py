@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from tests.helpers import make_imagefolder
-from twophase.features import FrozenTrunk
-from twophase.images import ArrayBatches, BatchOrder, ImageDataset, array_batches, image_batches
+from twophase import features
+from twophase.batches import ArrayBatches, BatchOrder, array_batches
+from twophase.features import FrozenTrunk, extract
+from twophase.images import ImageDataset, image_batches
 from twophase.model import Network, Preprocessing, build_head, full_network, tail_of
 from twophase.params import BLOCKS
 from twophase.train import NonFiniteLossError, fit, run_epoch
@@ -151,18 +153,26 @@ def test_same_seed_gives_identical_training() -> None:
     assert run() == run()
 
 
-def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images) -> None:
+def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images, tmp_path) -> None:
     """Phase 2 on cached layer3 outputs == running the frozen trunk inside the loop."""
     paths, labels = tiny_images
     streamed_net = tiny_network(dropout=0.3)
     cached_net = copy.deepcopy(streamed_net)
     data = ImageDataset(paths, labels, 32, Preprocessing())
 
-    trunk = FrozenTrunk(cached_net.blocks, "layer4").eval()
-    with torch.inference_mode():
-        activations = torch.cat(
-            [trunk(x)[0] for x, _ in image_batches(data, BatchOrder(len(data), 5, False))]
-        ).numpy()
+    cache = tmp_path / "features"
+    trunk = FrozenTrunk(cached_net.blocks, "layer4")
+    extract(
+        trunk,
+        {"train": (paths, labels)},
+        cache,
+        image_size=32,
+        prep=Preprocessing(),
+        batch_size=5,
+        num_workers=0,
+        device=CPU,
+    )
+    activations = features.load(cache, "train").activations  # memory-mapped, NHWC
     labels_array = np.asarray(labels)
 
     torch.manual_seed(3)
@@ -178,8 +188,8 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
     torch.manual_seed(3)
     cached = fit(
         tail_of(cached_net, "layer4"),
-        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, True, seed=3)),
-        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, False)),
+        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, True, seed=3), nhwc=True),
+        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, False), nhwc=True),
         lr=1e-3,
         epochs=2,
         patience=5,

@@ -14,7 +14,8 @@ from twophase.params import Params, to_dict
 
 
 def save_checkpoint(
-    network: Network,
+    state: dict[str, torch.Tensor],
+    frozen: tuple[str, ...],
     path: Path,
     *,
     phase: str,
@@ -25,10 +26,11 @@ def save_checkpoint(
     best_val_loss: float,
     last_epoch: int,
 ) -> None:
+    """`state` is a whole `Network` state dict (backbone blocks and head)."""
     checkpoint = {
         "phase": phase,
-        "model": network.state_dict(),
-        "frozen": list(network.frozen),
+        "model": state,
+        "frozen": list(frozen),
         "arch": params.model.arch,
         "dense_units": list(params.model.dense_units),
         "dropout": params.model.dropout,

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from twophase import features
+from twophase.batches import array_batches
 from twophase.checkpoint import first_trainable_block, load_checkpoint
-from twophase.images import array_batches
 from twophase.io import write_csv, write_json
 from twophase.metrics import confusion, score, side_by_side
 from twophase.model import tail_of
@@ -45,7 +45,10 @@ def evaluate(
         first = first_trainable_block(checkpoint, network)
         inputs = test.embeddings if first is None else test.activations
         probs, labels = predict(
-            tail_of(network, first), array_batches(inputs, test.labels, 256), device, amp
+            tail_of(network, first),
+            array_batches(inputs, test.labels, 256, nhwc=first is not None),
+            device,
+            amp,
         )
         predicted = probs.argmax(dim=1).numpy()
         truth = labels.numpy()

@@ -2,8 +2,10 @@
 
 For each subset (train, val, test) the cache holds:
 - `<subset>_embeddings.npy`: the pooled backbone output, i.e. the head's input (phase 1);
-- `<subset>_activations.npy`: the input of the first unfrozen block (phase 2);
-- `<subset>_labels.npy`.
+- `<subset>_activations.npy`: the input of the first unfrozen block (phase 2), stored
+  channels-last (N, H, W, C): the layout the CPU convolutions run fastest in;
+- `<subset>_labels.npy`;
+and `backbone.pt` (the backbone's weights) and `meta.json`.
 Arrays are written batch by batch into memory-mapped files, so memory stays flat as the dataset
 grows, and are read back memory-mapped.
 """
@@ -22,13 +24,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from twophase.images import BatchOrder, ImageDataset, image_batches
+from twophase.batches import BatchOrder
+from twophase.images import ImageDataset, image_batches
 from twophase.io import atomic_path, read_json, write_json
-from twophase.model import Preprocessing, backbone_blocks, build_backbone, preprocessing
+from twophase.model import (
+    Preprocessing,
+    backbone_blocks,
+    build_backbone,
+    embedding_dim,
+    preprocessing,
+)
 from twophase.params import Params, unfrozen_blocks
 from twophase.runtime import autocast, autocast_dtype, resolve_device, seed_everything
 
 SUBSETS = ("train", "val", "test")
+BACKBONE = "backbone.pt"
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,6 @@ class FrozenTrunk(nn.Module):
         return activations, self.pool(self.after(activations))
 
 
-@torch.inference_mode()
 def extract(
     trunk: FrozenTrunk,
     subsets: dict[str, tuple[Sequence[str], Sequence[int]]],
@@ -67,11 +76,15 @@ def extract(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     meta: dict[str, Any] | None = None,
+    backbone_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Run the frozen trunk over every image once and write the cache folder atomically."""
-    trunk.to(device).eval()
-    with atomic_path(out_dir) as tmp:
+    # outside inference mode: parameters converted inside it could never train again
+    trunk.to(device).to(memory_format=torch.channels_last).eval()
+    with atomic_path(out_dir) as tmp, torch.inference_mode():
         tmp.mkdir(parents=True)
+        if backbone_state is not None:
+            torch.save({k: v.clone() for k, v in backbone_state.items()}, tmp / BACKBONE)
         shapes: dict[str, Any] = {}
         for subset, (paths, labels) in subsets.items():
             dataset = ImageDataset(paths, labels, image_size, prep)
@@ -82,8 +95,10 @@ def extract(
             with tqdm(total=len(dataset), desc=f"features {subset}", unit="img") as bar:
                 for images, _ in loader:
                     images = images.to(device, non_blocking=True)
+                    images = images.contiguous(memory_format=torch.channels_last)
                     with autocast(device, amp_dtype):
                         activations, embeddings = trunk(images)
+                    activations = activations.permute(0, 2, 3, 1)  # NHWC
                     if act_file is None:
                         act_file = _open(
                             tmp / f"{subset}_activations.npy", len(dataset), activations.shape[1:]
@@ -142,6 +157,7 @@ def extract_features(params: Params, split: pd.DataFrame, out_dir: Path) -> dict
         for rows in [split[split["subset"] == name]]
     }
     meta = {
+        "embedding_dim": embedding_dim(backbone),
         "arch": params.model.arch,
         "weights": params.model.weights,
         "image_size": params.data.image_size,
@@ -160,5 +176,6 @@ def extract_features(params: Params, split: pd.DataFrame, out_dir: Path) -> dict
         device=device,
         amp_dtype=autocast_dtype(device, params.precision),
         meta=meta,
+        backbone_state=backbone.state_dict(),
     )
     return meta

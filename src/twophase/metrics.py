@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
@@ -17,6 +16,8 @@ def _rounded(value: float) -> float:
 
 def score(labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro precision/recall/F1 and per-class metrics of one phase."""
+    from sklearn.metrics import precision_recall_fscore_support  # slow import: only when scoring
+
     every_class = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=every_class, zero_division=0
@@ -52,6 +53,8 @@ def side_by_side(
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+
     matrix: np.ndarray = confusion_matrix(labels, predicted, labels=list(range(num_classes)))
     return matrix
 

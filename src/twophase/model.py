@@ -10,13 +10,16 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from twophase.errors import TwophaseError
 from twophase.params import ARCHS, BLOCKS
+
+if TYPE_CHECKING:  # torchvision takes seconds to import: only where a backbone is built
+    from torchvision.models import WeightsEnum
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,14 +38,16 @@ class Preprocessing:
     resize_ratio: float = 256 / 224
 
 
-def weights_enum(arch: str, weights: str) -> torchvision.models.WeightsEnum | None:
+def weights_enum(arch: str, weights: str) -> WeightsEnum | None:
     """The torchvision weights named `weights`, or None for 'none' and local files."""
     if weights.lower() == "none" or _looks_like_path(weights):
         return None
+    import torchvision
+
     enum = torchvision.models.get_model_weights(arch)
     name = weights.removeprefix(f"{enum.__name__}.")
     if name == "DEFAULT":
-        default: torchvision.models.WeightsEnum = enum.DEFAULT
+        default: WeightsEnum = enum.DEFAULT
         return default
     if name not in enum.__members__:
         names = ", ".join(["DEFAULT", *enum.__members__, "none", "<path to a .pt state dict>"])
@@ -72,6 +77,8 @@ def build_backbone(arch: str, weights: str, progress: bool = True) -> nn.Module:
     """A torchvision ResNet with the requested weights, its fc removed."""
     if arch not in ARCHS:
         raise ValueError(f"model.arch: {arch!r} is not supported; expected one of {ARCHS}")
+    import torchvision
+
     enum = weights_enum(arch, weights)
     net: nn.Module = torchvision.models.get_model(arch, weights=None)
     if enum is not None:
@@ -108,6 +115,21 @@ def backbone_blocks(backbone: nn.Module) -> OrderedDict[str, nn.Module]:
     stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)  # type: ignore[arg-type]
     modules = [stem, b.layer1, b.layer2, b.layer3, b.layer4]
     return OrderedDict(zip(BLOCKS, modules, strict=True))  # type: ignore[arg-type]
+
+
+STEM_LAYERS = ("conv1", "bn1")  # the stem's positions 0 and 1; relu and maxpool hold no state
+
+
+def network_keys(backbone_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ResNet state dict under `Network` names (conv1 -> blocks.stem.0, ...)."""
+    renamed = {}
+    for key, value in backbone_state.items():
+        first, rest = key.split(".", 1)
+        if first in STEM_LAYERS:
+            renamed[f"blocks.stem.{STEM_LAYERS.index(first)}.{rest}"] = value
+        elif first.startswith("layer"):
+            renamed[f"blocks.{key}"] = value
+    return renamed
 
 
 def embedding_dim(backbone: nn.Module) -> int:

@@ -8,17 +8,19 @@ Both call the same `train.fit`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from twophase import features
+from twophase.batches import array_batches as batches
 from twophase.checkpoint import load_checkpoint, save_checkpoint
-from twophase.images import array_batches as batches
 from twophase.io import write_csv
-from twophase.model import Preprocessing, full_network, tail_of
+from twophase.model import Network, Preprocessing, build_head, network_keys, tail_of
 from twophase.params import BLOCKS, Params, unfrozen_blocks
 from twophase.runtime import autocast_dtype, resolve_device, seed_everything
 from twophase.train import EpochStats, FitResult, fit
@@ -48,16 +50,17 @@ def train_transfer(
     meta = features.load_meta(features_dir)
     train = features.load(features_dir, "train", in_memory=True)
     val = features.load(features_dir, "val", in_memory=True)
-    network = full_network(
-        params.model.arch,
-        params.model.weights,
+    # The backbone comes from the cache, not torchvision: this stage stays quick to start.
+    backbone = torch.load(features_dir / features.BACKBONE, map_location="cpu", weights_only=True)
+    head = build_head(
+        meta["embedding_dim"],
         params.model.dense_units,
         params.model.dropout,
         len(meta["class_names"]),
     )
     phase = params.train_transfer
     result = fit(
-        tail_of(network, None),
+        Network(OrderedDict(), head),
         batches(train.embeddings, train.labels, phase.batch_size, True, params.seed),
         batches(val.embeddings, val.labels, phase.batch_size, False, params.seed),
         lr=phase.lr,
@@ -68,8 +71,10 @@ def train_transfer(
         on_epoch=_history_writer(history_path),
         desc="train_transfer",
     )
+    head_state = {f"head.{key}": value for key, value in head.cpu().state_dict().items()}
     save_checkpoint(
-        network.cpu(),
+        {**network_keys(backbone), **head_state},
+        BLOCKS,
         checkpoint_path,
         phase="transfer",
         params=params,
@@ -106,8 +111,8 @@ def finetune(
     phase = params.finetune
     result = fit(
         tail_of(network, cut),
-        batches(train.activations, train.labels, phase.batch_size, True, params.seed),
-        batches(val.activations, val.labels, phase.batch_size, False, params.seed),
+        batches(train.activations, train.labels, phase.batch_size, True, params.seed, nhwc=True),
+        batches(val.activations, val.labels, phase.batch_size, False, params.seed, nhwc=True),
         lr=phase.lr,
         epochs=phase.epochs,
         patience=phase.patience,
@@ -118,7 +123,8 @@ def finetune(
         desc="finetune",
     )
     save_checkpoint(
-        network.cpu(),
+        network.cpu().state_dict(),
+        network.frozen,
         checkpoint_path,
         phase="finetune",
         params=params,

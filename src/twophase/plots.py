@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from twophase.images import load_rgb
+from twophase.decode import load_rgb
 from twophase.io import atomic_path
 
 PHASE_TITLES = {"transfer": "phase 1: transfer learning", "finetune": "phase 2: fine-tuning"}

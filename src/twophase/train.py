@@ -62,6 +62,14 @@ class FitResult:
         return [asdict(stats) for stats in self.history]
 
 
+def _to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images and activations go channels-last: measured faster for convolutions on CPU and GPU."""
+    inputs = inputs.to(device, non_blocking=True)
+    if inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
 def run_epoch(
     model: nn.Module,
     batches: Batches,
@@ -76,7 +84,7 @@ def run_epoch(
     loss_sum, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
         for inputs, labels in batches:
-            inputs = inputs.to(device, non_blocking=True)
+            inputs = _to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(inputs)
@@ -117,7 +125,7 @@ def fit(
     On return the model holds the weights of the best epoch (a deep copy taken then), whether or
     not training stopped early.
     """
-    model.to(device)
+    model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=lr)
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -156,7 +164,6 @@ def fit(
     return result
 
 
-@torch.inference_mode()
 def predict(
     model: nn.Module,
     batches: Batches,
@@ -164,11 +171,12 @@ def predict(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, labels) over all batches, on the CPU."""
-    model.to(device).eval()
+    model.to(device).to(memory_format=torch.channels_last).eval()
     probs, labels = [], []
-    for inputs, targets in batches:
-        with autocast(device, amp_dtype):
-            logits = model(inputs.to(device))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(targets)
+    with torch.inference_mode():
+        for inputs, targets in batches:
+            with autocast(device, amp_dtype):
+                logits = model(_to_device(inputs, device))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            labels.append(targets)
     return torch.cat(probs), torch.cat(labels)

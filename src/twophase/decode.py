@@ -1,0 +1,31 @@
+"""Decoding any common image file into 8-bit RGB (PIL only: cheap to import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Open any common image file as 8-bit RGB.
+
+    With `min_side`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that still leaves the
+    short side at least `min_side` pixels: far cheaper than decoding a large photo in full.
+    """
+    with Image.open(path) as opened:
+        img: Image.Image = opened
+        if min_side is not None and img.format == "JPEG":
+            width, height = img.size
+            scale = max(min_side / min(width, height), 1 / 8)
+            opened.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(img, dtype=np.float64)
+            peak = array.max() or 1.0
+            img = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
