@@ -11,14 +11,21 @@ DIGITS_PARAMS := -S data.dataset=digits -S data.image_size=32 -S model.weights=n
 	-S features.num_workers=0 \
 	-S train_transfer.lr=0.001 -S train_transfer.epochs=30 \
 	-S finetune.lr=0.0003 -S finetune.epochs=10
+# --temp leaves params.yaml and the workspace alone; `make digits DIGITS_MODE=` runs in place.
+DIGITS_MODE ?= --temp
 
-.PHONY: help setup test lint digits bench clean
+# The columns worth comparing: the params people vary, both phases' test accuracy and macro F1.
+EXP_COLUMNS := ^(Experiment|Created|State)$$|^(transfer|finetune|delta)\.(accuracy|f1_macro)$$|^(seed|data\.dataset|data\.val_ratio|data\.image_size|model\.weights|train_transfer\.lr|finetune\.lr|finetune\.epochs|finetune\.unfreeze)$$
+
+.PHONY: help setup test lint digits exp-show bench
 
 help:
 	@echo "make setup   create $(VENV) and install twophase with pinned dependencies"
 	@echo "make digits  run the whole DAG offline on digits as a DVC experiment (params.yaml untouched)"
 	@echo "make test    lint, type-check and run the test suite (offline)"
 	@echo "make lint    ruff and mypy only"
+	@echo "make exp-show  dvc exp show limited to the params that vary and both phases' test scores"
+	@echo "make bench   the benchmark of bench/run.py (tens of minutes; see bench/RESULTS.md)"
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +33,11 @@ setup:
 	$(BIN)/python -m pip install -e '.[dev]'
 
 digits:
-	$(BIN)/dvc exp run --temp $(DIGITS_PARAMS)
-	$(BIN)/dvc exp show --only-changed
+	$(BIN)/dvc exp run $(DIGITS_MODE) $(DIGITS_PARAMS)
+	$(MAKE) -s exp-show
+
+exp-show:
+	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_SHOW_ARGS)
 
 lint:
 	$(BIN)/ruff check .
@@ -36,3 +46,6 @@ lint:
 
 test: lint
 	$(BIN)/pytest
+
+bench:
+	$(BIN)/python bench/run.py

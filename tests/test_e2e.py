@@ -6,10 +6,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import PROJECT
@@ -23,6 +26,14 @@ TINY_DIGITS = {
     "train_transfer": {"lr": 0.003, "epochs": 3},
     "finetune": {"epochs": 2},
 }
+TRACKED_RESULTS = (
+    "metrics/train_transfer.json",
+    "metrics/finetune.json",
+    "metrics/evaluate.json",
+    "plots/train_transfer/history.csv",
+    "plots/finetune/history.csv",
+    "plots/evaluate/predictions_finetune.csv",
+)
 STAGES = ("download", "split", "features", "train_transfer", "finetune", "evaluate", "report")
 
 
@@ -133,3 +144,63 @@ def test_metrics_and_plots_show_both_phases(repo: Path) -> None:
         "grid_finetune.png",
     ):
         assert name in page, name
+
+
+def test_same_params_give_byte_identical_metrics(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    before = {name: (repo / name).read_bytes() for name in TRACKED_RESULTS}
+    for stage in ("train_transfer", "finetune", "evaluate"):
+        run(repo, "dvc", "repro", "--force", "--single-item", stage)
+    for name, content in before.items():
+        after = (repo / name).read_bytes()
+        if name.endswith(("train_transfer.json", "finetune.json")):  # these hold wall seconds
+            content, after = (_without_wall_seconds(c) for c in (content, after))
+        assert after == content, name
+
+
+def _without_wall_seconds(content: bytes) -> dict:
+    summary = json.loads(content)
+    summary.pop("wall_seconds")
+    return summary
+
+
+def test_a_killed_stage_leaves_no_partial_output(repo: Path) -> None:
+    set_params(repo / "params.yaml", {"finetune": {"epochs": 500, "patience": 500}})
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    dvc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    history = repo / "plots/finetune/history.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and dvc.poll() is None:
+        if history.is_file() and len(history.read_text().splitlines()) >= 3:  # 2 epochs done
+            break
+        time.sleep(0.2)
+    stage = next(
+        p
+        for p in psutil.Process(dvc.pid).children(recursive=True)
+        if p.name().startswith("python") and "stages/finetune.py" in p.cmdline()
+    )
+    stage.send_signal(signal.SIGTERM)  # what a batch scheduler sends, mid-epoch
+    output = dvc.communicate(timeout=120)[0]
+    assert dvc.returncode != 0
+    assert "interrupted; unfinished outputs were removed" in output
+    assert not (repo / "models/finetune.pt").exists()
+    leftovers = [p.name for p in (repo / "models").iterdir() if ".tmp-" in p.name]
+    assert not leftovers
+    assert "finetune" in run(repo, "dvc", "status")
+
+    set_params(repo / "params.yaml", {"finetune": {"epochs": 1}})
+    assert ran(run(repo, "dvc", "repro")) == {"finetune", "evaluate", "report"}
+    assert (repo / "models/finetune.pt").is_file()
+    assert "up to date" in run(repo, "dvc", "status")

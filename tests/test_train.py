@@ -134,6 +134,24 @@ def test_a_nan_loss_stops_training_naming_epoch_and_lr() -> None:
         )
 
 
+def test_a_huge_learning_rate_stops_with_a_clear_error() -> None:
+    torch.manual_seed(0)
+    model = Network(OrderedDict(), build_head(8, [16], 0.0, 3))
+    x, y = separable_embeddings(64)
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss became (nan|inf) in epoch \d+ with lr=1e\+30"
+    ):
+        fit(
+            model,
+            array_batches(x, y, 8, True),
+            array_batches(x, y, 64),
+            lr=1e30,
+            epochs=20,
+            patience=20,
+            device=CPU,
+        )
+
+
 def test_same_seed_gives_identical_training() -> None:
     def run() -> list:
         torch.manual_seed(7)

@@ -24,6 +24,7 @@ def save_checkpoint(
     prep: Preprocessing,
     best_epoch: int,
     best_val_loss: float,
+    best_val_acc: float,
     last_epoch: int,
 ) -> None:
     """`state` is a whole `Network` state dict (backbone blocks and head)."""
@@ -39,6 +40,7 @@ def save_checkpoint(
         "class_names": class_names,
         "best_epoch": best_epoch,
         "best_val_loss": best_val_loss,
+        "best_val_acc": best_val_acc,
         "last_epoch": last_epoch,
         "params": to_dict(params),
     }

@@ -11,6 +11,7 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from twophase.decode import unreadable_reason
 from twophase.errors import TwophaseError
 
 INDEX_COLUMNS = ["path", "label", "class_name", "split"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-NETWORK_TIMEOUT_S = 20.0
+NETWORK_TIMEOUT_S = 10.0
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".mat")
 
 
 class DatasetError(TwophaseError):
@@ -138,16 +141,20 @@ def index_torchvision(source: TorchvisionSource, root: Path, download: bool) -> 
                 }
             )
         )
-    return pd.concat(frames, ignore_index=True)[INDEX_COLUMNS]
+    index = pd.concat(frames, ignore_index=True)[INDEX_COLUMNS]
+    check_files_exist(index, root / source.folder)
+    return index
 
 
 def _fetch_failure(source: TorchvisionSource, root: Path, err: Exception) -> str:
     where = root / source.folder
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if "corrupted" in reason.lower() or "md5" in reason.lower():
+    archives = sorted(p.name for p in where.glob("*") if p.name.endswith(ARCHIVE_SUFFIXES))
+    if archives or "corrupted" in reason.lower() or "md5" in reason.lower():
         return (
-            f"{source.title} in {where} failed its checksum check ({reason}): delete the damaged "
-            f"archive and run again, or place a good copy there"
+            f"{source.title}: {', '.join(archives) or 'a download'} in {where} failed "
+            f"torchvision's checksum check ({reason}); a partial or damaged download is never "
+            "used: delete it and rerun, or place a good copy there"
         )
     return (
         f"could not fetch {source.title} into {where} ({reason}). Without network, either run the "
@@ -210,8 +217,11 @@ def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> 
             files = sorted(class_dir.rglob("*")) if class_dir.is_dir() else []
             images = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
             skipped += sum(1 for f in files if f.is_file()) - len(images)
+            images = _readable(images, warn)
             if split == "train" and not images:
-                raise DatasetError(f"{class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise DatasetError(
+                    f"{class_dir} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})"
+                )
             rows += [(_portable(f), label, name, split) for f in images]
         if skipped:
             warn(f"{split_dir}: skipped {skipped} file(s) that are not images by their extension")
@@ -219,6 +229,29 @@ def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> 
     if not (index["split"] == "test").any():
         raise DatasetError(f"{test_dir} holds no images")
     return index
+
+
+def _readable(images: list[Path], warn: Callable[[str], None]) -> list[Path]:
+    """The images that decode; the others are skipped with one warning naming a few."""
+    with ThreadPoolExecutor(
+        max_workers=min(8, os.cpu_count() or 1)
+    ) as pool:  # PIL decodes without the GIL
+        reasons = list(pool.map(unreadable_reason, images))
+    bad = [(path, reason) for path, reason in zip(images, reasons, strict=True) if reason]
+    if bad:
+        examples = "; ".join(f"{path.name}: {reason}" for path, reason in bad[:3])
+        warn(f"{images[0].parent}: skipped {len(bad)} image(s) that cannot be used ({examples})")
+    return [path for path, reason in zip(images, reasons, strict=True) if not reason]
+
+
+def check_files_exist(index: pd.DataFrame, where: Path) -> None:
+    """An interrupted download or extraction leaves annotations naming files that are not there."""
+    missing = [path for path in index["path"] if not Path(path).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(index)} images listed for {where} are missing (first: "
+            f"{missing[0]}): the download or extraction was interrupted; delete {where} and rerun"
+        )
 
 
 def _portable(path: Path) -> str:

@@ -20,12 +20,30 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
             width, height = img.size
             scale = max(min_side / min(width, height), 1 / 8)
             opened.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(img, dtype=np.float64)
-            peak = array.max() or 1.0
-            img = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: 0..65535 onto 0..255
+            array = np.asarray(img, dtype=np.float64) / 257.0
+            img = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8))
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return img.convert("RGB")
+
+
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why the image at `path` cannot be used (None when it decodes).
+
+    JPEGs are decoded at 1/8 scale, which still reads every byte: truncation is caught cheaply.
+    Images over twice PIL's decompression-bomb limit (about 179 megapixels) are refused.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            img.draft(None, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except Image.DecompressionBombError:
+        return "too large (over PIL's decompression-bomb limit)"
+    except (OSError, SyntaxError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"unreadable ({reason})"
+    return None

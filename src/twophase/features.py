@@ -6,8 +6,8 @@ For each subset (train, val, test) the cache holds:
   channels-last (N, H, W, C): the layout the CPU convolutions run fastest in;
 - `<subset>_labels.npy`;
 and `backbone.pt` (the backbone's weights) and `meta.json`.
-Arrays are written batch by batch into memory-mapped files, so memory stays flat as the dataset
-grows, and are read back memory-mapped.
+Arrays are appended to their files batch by batch, so memory stays flat as the dataset grows,
+and are read back memory-mapped.
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ def extract(
             order = BatchOrder(len(dataset), batch_size, shuffle=False)
             loader = image_batches(dataset, order, num_workers)
             act_file = emb_file = None
-            offset = 0
             with tqdm(total=len(dataset), desc=f"features {subset}", unit="img") as bar:
                 for images, _ in loader:
                     images = images.to(device, non_blocking=True)
@@ -99,31 +98,52 @@ def extract(
                     with autocast(device, amp_dtype):
                         activations, embeddings = trunk(images)
                     activations = activations.permute(0, 2, 3, 1)  # NHWC
-                    if act_file is None:
-                        act_file = _open(
-                            tmp / f"{subset}_activations.npy", len(dataset), activations.shape[1:]
+                    if act_file is None or emb_file is None:
+                        act_file = NpyAppender(
+                            tmp / f"{subset}_activations.npy",
+                            len(dataset),
+                            tuple(activations.shape[1:]),
                         )
-                        emb_file = _open(
-                            tmp / f"{subset}_embeddings.npy", len(dataset), embeddings.shape[1:]
+                        emb_file = NpyAppender(
+                            tmp / f"{subset}_embeddings.npy",
+                            len(dataset),
+                            tuple(embeddings.shape[1:]),
                         )
-                    assert emb_file is not None
-                    end = offset + len(images)
-                    act_file[offset:end] = activations.float().cpu().numpy()
-                    emb_file[offset:end] = embeddings.float().cpu().numpy()
-                    offset = end
+                    act_file.append(activations.float().cpu().numpy())
+                    emb_file.append(embeddings.float().cpu().numpy())
                     bar.update(len(images))
             if act_file is None or emb_file is None:
                 raise ValueError(f"the {subset} subset has no images")
-            act_file.flush()
-            emb_file.flush()
-            del act_file, emb_file
+            act_file.close()
+            emb_file.close()
             np.save(tmp / f"{subset}_labels.npy", np.asarray(labels, dtype=np.int64))
             shapes[subset] = {"images": len(dataset)}
         write_json({**(meta or {}), "subsets": shapes}, tmp / "meta.json")
 
 
-def _open(path: Path, rows: int, shape: torch.Size) -> np.memmap:
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, *shape))
+class NpyAppender:
+    """Writes a float32 .npy file of known shape batch by batch with plain appends.
+
+    Plain writes leave the bytes to the OS page cache; filling a writable memmap instead would
+    keep every written page resident in this process, so its RSS would grow with the dataset.
+    """
+
+    def __init__(self, path: Path, rows: int, shape: tuple[int, ...]) -> None:
+        self.rows, self.shape, self.written = rows, shape, 0
+        self.handle = path.open("wb")
+        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, *shape)}
+        np.lib.format.write_array_header_2_0(self.handle, header)
+
+    def append(self, batch: np.ndarray) -> None:
+        if batch.shape[1:] != self.shape or self.written + len(batch) > self.rows:
+            raise ValueError(f"batch of shape {batch.shape} does not fit {self.shape}")
+        self.handle.write(np.ascontiguousarray(batch, dtype="<f4").tobytes())
+        self.written += len(batch)
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.written != self.rows:
+            raise ValueError(f"wrote {self.written} rows of {self.rows}")
 
 
 def load(features_dir: Path, subset: str, in_memory: bool = False) -> SubsetFeatures:

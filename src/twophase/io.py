@@ -22,8 +22,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed with SIGKILL
+        _remove(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():

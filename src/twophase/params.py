@@ -100,9 +100,14 @@ class PhaseParams:
     patience: int = 5
     batch_size: int = 128
 
-    def _validate(self, section: str) -> None:
+    def _validate(self, section: str, min_epochs: int = 1) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"{section}.lr", self.lr, "a number > 0")
-        _check(self.epochs >= 1, f"{section}.epochs", self.epochs, "an integer >= 1")
+        _check(
+            self.epochs >= min_epochs,
+            f"{section}.epochs",
+            self.epochs,
+            f"an integer >= {min_epochs}",
+        )
         _check(self.patience >= 1, f"{section}.patience", self.patience, "an integer >= 1")
         _check(self.batch_size >= 1, f"{section}.batch_size", self.batch_size, "an integer >= 1")
 
@@ -120,7 +125,7 @@ class FinetuneParams(PhaseParams):
     unfreeze: tuple[str, ...] = ("layer4",)
 
     def __post_init__(self) -> None:
-        self._validate("finetune")
+        self._validate("finetune", min_epochs=0)  # 0: phase 1 alone, e.g. to diff the phases
         check_unfreeze(self.unfreeze)
 
 
@@ -220,7 +225,8 @@ def _build(cls: type[Any], raw: object, prefix: str) -> Any:
             close = _closest(str(key), list(fields))
             hint = f"; did you mean {prefix}{close}?" if close else ""
             valid = ", ".join(prefix + name for name in fields)
-            raise ParamsError(f"{prefix}{key}: unknown key{hint} (valid keys: {valid})")
+            shown = key if re.fullmatch(r"[\w.-]+", str(key)) else repr(key)
+            raise ParamsError(f"{prefix}{shown}: unknown key{hint} (valid keys: {valid})")
         kwargs[key] = _convert(hints[key], value, prefix + key)
     return cls(**kwargs)
 

@@ -31,12 +31,17 @@ def cut_block(params: Params) -> str:
     return unfrozen_blocks(params.finetune.unfreeze)[0]
 
 
+def write_history(rows: list[EpochStats], path: Path) -> None:
+    columns = list(EpochStats.__dataclass_fields__)
+    write_csv(pd.DataFrame([asdict(row) for row in rows], columns=columns).round(6), path)
+
+
 def _history_writer(path: Path) -> Callable[[EpochStats], None]:
     rows: list[EpochStats] = []
 
     def on_epoch(stats: EpochStats) -> None:
         rows.append(stats)
-        write_csv(pd.DataFrame([asdict(row) for row in rows]).round(6), path)
+        write_history(rows, path)
 
     return on_epoch
 
@@ -82,6 +87,7 @@ def train_transfer(
         prep=Preprocessing(**meta["preprocessing"]),
         best_epoch=result.best_epoch,
         best_val_loss=result.best_val_loss,
+        best_val_acc=result.best_val_acc,
         last_epoch=result.history[-1].epoch,
     )
     return result
@@ -109,19 +115,30 @@ def finetune(
     train = features.load(features_dir, "train")
     val = features.load(features_dir, "val")
     phase = params.finetune
-    result = fit(
-        tail_of(network, cut),
-        batches(train.activations, train.labels, phase.batch_size, True, params.seed, nhwc=True),
-        batches(val.activations, val.labels, phase.batch_size, False, params.seed, nhwc=True),
-        lr=phase.lr,
-        epochs=phase.epochs,
-        patience=phase.patience,
-        device=device,
-        amp_dtype=autocast_dtype(device, params.precision),
-        first_epoch=start["last_epoch"] + 1,
-        on_epoch=_history_writer(history_path),
-        desc="finetune",
-    )
+    if phase.epochs == 0:  # phase 2 skipped: its checkpoint is phase 1's network
+        network.set_frozen(BLOCKS)
+        write_history([], history_path)
+        result = FitResult(
+            best_epoch=start["best_epoch"],
+            best_val_loss=start["best_val_loss"],
+            best_val_acc=start["best_val_acc"],
+        )
+    else:
+        result = fit(
+            tail_of(network, cut),
+            batches(
+                train.activations, train.labels, phase.batch_size, True, params.seed, nhwc=True
+            ),
+            batches(val.activations, val.labels, phase.batch_size, False, params.seed, nhwc=True),
+            lr=phase.lr,
+            epochs=phase.epochs,
+            patience=phase.patience,
+            device=device,
+            amp_dtype=autocast_dtype(device, params.precision),
+            first_epoch=start["last_epoch"] + 1,
+            on_epoch=_history_writer(history_path),
+            desc="finetune",
+        )
     save_checkpoint(
         network.cpu().state_dict(),
         network.frozen,
@@ -132,6 +149,7 @@ def finetune(
         prep=Preprocessing(**start["preprocessing"]),
         best_epoch=result.best_epoch,
         best_val_loss=result.best_val_loss,
-        last_epoch=result.history[-1].epoch,
+        best_val_acc=result.best_val_acc,
+        last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
     )
     return result

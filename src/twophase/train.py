@@ -137,12 +137,13 @@ def fit(
         train_loss, train_acc = run_epoch(
             model, train_batches, device, amp_dtype, optimizer, scaler
         )
-        if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
-                f"{desc}: training loss became {train_loss} in epoch {epoch} with lr={lr:g}; "
-                "lower the learning rate"
-            )
         val_loss, val_acc = run_epoch(model, val_batches, device, amp_dtype)
+        for name, value in (("training", train_loss), ("validation", val_loss)):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{desc}: {name} loss became {value} in epoch {epoch} with lr={lr:g}; "
+                    "lower the learning rate"
+                )
         stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc)
         result.history.append(stats)
         if on_epoch is not None:
