@@ -181,6 +181,7 @@ def test_a_killed_stage_leaves_no_partial_output(repo: Path) -> None:
         text=True,
     )
     history = repo / "plots/finetune/history.csv"
+    history.unlink()  # the last run's; the new one appears after the first epoch
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and dvc.poll() is None:
         if history.is_file() and len(history.read_text().splitlines()) >= 3:  # 2 epochs done
@@ -204,3 +205,82 @@ def test_a_killed_stage_leaves_no_partial_output(repo: Path) -> None:
     assert ran(run(repo, "dvc", "repro")) == {"finetune", "evaluate", "report"}
     assert (repo / "models/finetune.pt").is_file()
     assert "up to date" in run(repo, "dvc", "status")
+
+
+def test_queued_sweep_runs_through_dvc_queue(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    run(repo, "dvc", "exp", "run", "--queue", "-S", "finetune.lr=1e-4,3e-4")
+    run(repo, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(repo, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+    table = run(repo, "dvc", "exp", "show", "--csv")
+    rows = [line for line in table.splitlines() if ",0.0001," in line or ",0.0003," in line]
+    assert len(rows) == 2, table
+
+
+def test_exp_show_view_is_short(repo: Path) -> None:
+    output = run(repo, "make", "-s", "exp-show", f"BIN={Path(sys.executable).parent}")
+    for column in ("Experiment", "finetune.lr", "transfer.accuracy", "finetune.f1_macro"):
+        assert column in output, column
+    for noise in ("data/features", "best_val_loss", "precision_macro", "wall_seconds"):
+        assert noise not in output, noise
+
+
+def test_plots_page_renders_offline(repo: Path, tmp_path: Path) -> None:
+    run(repo, "dvc", "plots", "show", "-o", "offline_plots")
+    page = (repo / "offline_plots" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "<script src=" not in page, "no network needed"
+    assert "vegaEmbed" in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            (repo / "offline_plots" / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    # loss, accuracy and two confusion matrices: each a drawn Vega chart
+    assert dom.count('class="marks"') >= 4, dom[:2000]
+
+
+def test_plots_diff_overlays_two_experiments(repo: Path) -> None:
+    listed = run(repo, "dvc", "exp", "ls", "--name-only").split()
+    experiments = [name for name in listed if not name.endswith(":")][:2]
+    assert len(experiments) == 2, listed
+    run(repo, "dvc", "plots", "diff", *experiments, "-o", "diff_plots")
+    page = (repo / "diff_plots" / "index.html").read_text()
+    for name in experiments:
+        assert name in page, name
+    assert "cdn.jsdelivr" not in page
+
+
+def test_metrics_diff_between_phases(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    run(repo, "dvc", "exp", "run", "-n", "phase1-only", "-S", "finetune.epochs=0")
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert evaluation["finetune"] == evaluation["transfer"]
+    diff = run(repo, "dvc", "metrics", "diff", "phase1-only", "HEAD", "--md")
+    assert "finetune.accuracy" in diff and "transfer.accuracy" not in diff
