@@ -178,7 +178,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="image-decoding processes")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/twophase-bench"))
+    parser.add_argument("--jpeg-size", default="500x375", help="synthetic photo size, WxH")
     parser.add_argument("--skip-notebook", action="store_true")
+    parser.add_argument(
+        "--floors-only",
+        action="store_true",
+        help="measure only the floors (after the download and split stages)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -186,8 +192,12 @@ def main() -> None:
         args.images, args.classes, args.image_size = 40, 2, 64
         args.transfer_epochs, args.finetune_epochs = 2, 1
 
+    width, height = (int(v) for v in args.jpeg_size.split("x"))
     data = make_imagefolder(
-        args.workdir / f"images-{args.images}-{args.classes}", args.images, args.classes
+        args.workdir / f"images-{args.images}-{args.classes}-{args.jpeg_size}",
+        args.images,
+        args.classes,
+        size=(width, height),
     )
     result: dict[str, Any] = {
         "machine": {
@@ -201,6 +211,10 @@ def main() -> None:
     }
     print(f"data: {args.images} synthetic JPEGs in {data}", flush=True)
     repo = twophase_project(args.workdir, data, args)
+    if args.floors_only:
+        sh(repo, "dvc", "repro", "split")
+        print("floors:", json.dumps(floors(repo, args), indent=1))
+        return
     result["twophase"] = time_twophase(repo)
     result["metrics"] = {
         p: json.loads((repo / f"metrics/{s}.json").read_text())
