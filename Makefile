@@ -15,7 +15,7 @@ DIGITS_PARAMS := -S data.dataset=digits -S data.image_size=32 -S model.weights=n
 DIGITS_MODE ?= --temp
 
 # The columns worth comparing: the params people vary, both phases' test accuracy and macro F1.
-EXP_COLUMNS := ^(Experiment|Created|State)$$|^(transfer|finetune|delta)\.(accuracy|f1_macro)$$|^(seed|data\.dataset|data\.val_ratio|data\.image_size|model\.weights|train_transfer\.lr|finetune\.lr|finetune\.epochs|finetune\.unfreeze)$$
+EXP_COLUMNS := ^(Experiment|Created)$$|^(transfer|finetune)\.(accuracy|f1_macro)$$|^delta\.accuracy$$|^(data\.dataset|train_transfer\.lr|finetune\.lr|finetune\.epochs|finetune\.unfreeze)$$
 
 .PHONY: help setup test lint digits exp-show bench
 
