@@ -11,6 +11,7 @@ import torch
 from twophase.io import atomic_path
 from twophase.model import Network, Preprocessing, full_network
 from twophase.params import Params, to_dict
+from twophase.train import FitResult
 
 
 def save_checkpoint(
@@ -22,9 +23,7 @@ def save_checkpoint(
     params: Params,
     class_names: list[str],
     prep: Preprocessing,
-    best_epoch: int,
-    best_val_loss: float,
-    best_val_acc: float,
+    result: FitResult,
     last_epoch: int,
 ) -> None:
     """`state` is a whole `Network` state dict (backbone blocks and head)."""
@@ -38,9 +37,9 @@ def save_checkpoint(
         "image_size": params.data.image_size,
         "preprocessing": asdict(prep),
         "class_names": class_names,
-        "best_epoch": best_epoch,
-        "best_val_loss": best_val_loss,
-        "best_val_acc": best_val_acc,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "best_val_acc": result.best_val_acc,
         "last_epoch": last_epoch,
         "params": to_dict(params),
     }

@@ -146,12 +146,15 @@ class NpyAppender:
             raise ValueError(f"wrote {self.written} rows of {self.rows}")
 
 
-def load(features_dir: Path, subset: str, in_memory: bool = False) -> SubsetFeatures:
-    """One subset of the cache; memory-mapped unless `in_memory`."""
-    mode: Literal["r"] | None = None if in_memory else "r"
+def load(features_dir: Path, subset: str, embeddings_in_memory: bool = False) -> SubsetFeatures:
+    """One subset of the cache, memory-mapped: nothing is read until used.
+
+    The (small) embeddings can be read into memory at once; the (large) activations never are.
+    """
+    mode: Literal["r"] | None = None if embeddings_in_memory else "r"
     return SubsetFeatures(
         embeddings=np.load(features_dir / f"{subset}_embeddings.npy", mmap_mode=mode),
-        activations=np.load(features_dir / f"{subset}_activations.npy", mmap_mode=mode),
+        activations=np.load(features_dir / f"{subset}_activations.npy", mmap_mode="r"),
         labels=np.load(features_dir / f"{subset}_labels.npy"),
     )
 

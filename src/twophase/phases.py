@@ -53,8 +53,8 @@ def train_transfer(
     seed_everything(params.seed)
     device = resolve_device(params.device)
     meta = features.load_meta(features_dir)
-    train = features.load(features_dir, "train", in_memory=True)
-    val = features.load(features_dir, "val", in_memory=True)
+    train = features.load(features_dir, "train", embeddings_in_memory=True)
+    val = features.load(features_dir, "val", embeddings_in_memory=True)
     # The backbone comes from the cache, not torchvision: this stage stays quick to start.
     backbone = torch.load(features_dir / features.BACKBONE, map_location="cpu", weights_only=True)
     head = build_head(
@@ -85,9 +85,7 @@ def train_transfer(
         params=params,
         class_names=meta["class_names"],
         prep=Preprocessing(**meta["preprocessing"]),
-        best_epoch=result.best_epoch,
-        best_val_loss=result.best_val_loss,
-        best_val_acc=result.best_val_acc,
+        result=result,
         last_epoch=result.history[-1].epoch,
     )
     return result
@@ -147,9 +145,7 @@ def finetune(
         params=params,
         class_names=start["class_names"],
         prep=Preprocessing(**start["preprocessing"]),
-        best_epoch=result.best_epoch,
-        best_val_loss=result.best_val_loss,
-        best_val_acc=result.best_val_acc,
+        result=result,
         last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
     )
     return result
