@@ -34,7 +34,7 @@ from twophase.model import (
     embedding_dim,
     preprocessing,
 )
-from twophase.params import Params, unfrozen_blocks
+from twophase.params import Params
 from twophase.runtime import autocast, autocast_dtype, resolve_device, seed_everything
 
 SUBSETS = ("train", "val", "test")
@@ -170,7 +170,7 @@ def extract_features(params: Params, split: pd.DataFrame, out_dir: Path) -> dict
 
     seed_everything(params.seed)
     device = resolve_device(params.device)
-    cut = unfrozen_blocks(params.finetune.unfreeze)[0]
+    cut = params.cut_block
     backbone = build_backbone(params.model.arch, params.model.weights)
     trunk = FrozenTrunk(backbone_blocks(backbone), cut)
     prep = preprocessing(params.model.arch, params.model.weights)

@@ -140,6 +140,11 @@ class Params:
     train_transfer: TransferParams = field(default_factory=TransferParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
 
+    @property
+    def cut_block(self) -> str:
+        """The first unfrozen block of phase 2: everything before it is frozen and cached."""
+        return unfrozen_blocks(self.finetune.unfreeze)[0]
+
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)

@@ -21,14 +21,9 @@ from twophase.batches import array_batches as batches
 from twophase.checkpoint import load_checkpoint, save_checkpoint
 from twophase.io import write_csv
 from twophase.model import Network, Preprocessing, build_head, network_keys, tail_of
-from twophase.params import BLOCKS, Params, unfrozen_blocks
+from twophase.params import BLOCKS, Params
 from twophase.runtime import autocast_dtype, resolve_device, seed_everything
 from twophase.train import EpochStats, FitResult, fit
-
-
-def cut_block(params: Params) -> str:
-    """The first unfrozen block of phase 2: everything before it is frozen and cached."""
-    return unfrozen_blocks(params.finetune.unfreeze)[0]
 
 
 def write_history(rows: list[EpochStats], path: Path) -> None:
@@ -105,7 +100,7 @@ def finetune(
     seed_everything(params.seed)
     device = resolve_device(params.device)
     network, start = load_checkpoint(transfer_checkpoint)
-    cut = cut_block(params)
+    cut = params.cut_block
     meta = features.load_meta(features_dir)
     if meta["cut"] != cut:
         raise ValueError(f"the feature cache was cut at {meta['cut']}, not {cut}: rerun features")

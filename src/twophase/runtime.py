@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import numpy as np
@@ -61,25 +59,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
-
-def seeded_generator(seed: int) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
-
-
-def worker_init(seed: int) -> Callable[[int], None]:
-    def init(worker_id: int) -> None:
-        np.random.seed(seed + worker_id)
-        random.seed(seed + worker_id)
-
-    return init
-
-
-def cpu_threads() -> int:
-    """Threads torch may use: the cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS/Windows
-        return os.cpu_count() or 1
