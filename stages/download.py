@@ -1,35 +1,26 @@
-"""DVC stage `download`: fetch the dataset and the pretrained weights; index the images."""
+"""DVC stage `download`: fetch the pretrained weights and, where needed, the dataset.
+
+data.root is the user's folder: this stage only reads it. Whatever it fetches or exports goes
+to data/downloads, a folder no one else writes.
+"""
 
 from pathlib import Path
 
 import _src_path  # noqa: F401
 
-from twophase.datasets import build_index, fetch_weights
-from twophase.io import write_csv
+from twophase.datasets import fetch_dataset, fetch_weights
 from twophase.params import load_params
 from twophase.stage import run_stage
 
-INDEX = Path("data/index.csv")
-RAW = Path("data/raw")  # DVC tracks this folder; data.root may also point elsewhere
+DOWNLOADS = Path("data/downloads")
 
 
 def main() -> None:
     params = load_params()
-    RAW.mkdir(parents=True, exist_ok=True)
-    root = Path(params.data.root)
-    if not root.resolve().is_relative_to(RAW.resolve()):
-        print(
-            f"note: data.root {root} is outside {RAW}: DVC does not see changes to those "
-            "images, so run `dvc repro -f download` after changing them"
-        )
     print(f"weights: {fetch_weights(params.model.arch, params.model.weights)}")
-    index = build_index(params.data.dataset, root)
-    write_csv(index, INDEX)
-    counts = index["split"].value_counts()
-    print(
-        f"{params.data.dataset}: {index['label'].nunique()} classes, "
-        f"{counts.get('train', 0)} training and {counts.get('test', 0)} test images -> {INDEX}"
-    )
+    where = fetch_dataset(params.data.dataset, Path(params.data.root), DOWNLOADS)
+    if where is not None:
+        print(f"{params.data.dataset}: read from {where}")
 
 
 if __name__ == "__main__":

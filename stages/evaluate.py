@@ -9,7 +9,8 @@ from twophase.evaluation import evaluate
 from twophase.params import load_params
 from twophase.stage import run_stage
 
-FEATURES = Path("data/features")
+EMBEDDINGS = Path("data/embeddings")
+ACTIVATIONS = Path("data/activations")
 SPLIT = Path("data/split.csv")
 CHECKPOINTS = {"transfer": Path("models/transfer.pt"), "finetune": Path("models/finetune.pt")}
 METRICS = Path("metrics/evaluate.json")
@@ -18,11 +19,12 @@ PLOTS = Path("plots/evaluate")
 
 def main() -> None:
     params = load_params()
-    summary = evaluate(params, FEATURES, read_index(SPLIT), CHECKPOINTS, METRICS, PLOTS)
+    split = read_index(SPLIT)
+    summary = evaluate(params, EMBEDDINGS, ACTIVATIONS, split, CHECKPOINTS, METRICS, PLOTS)
     for phase in CHECKPOINTS:
         scores = summary[phase]
         print(f"{phase}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1_macro']:.4f}")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, batch_size_param="finetune.batch_size")

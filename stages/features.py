@@ -10,14 +10,16 @@ from twophase.params import load_params
 from twophase.stage import run_stage
 
 SPLIT = Path("data/split.csv")
-FEATURES = Path("data/features")
+EMBEDDINGS = Path("data/embeddings")
+ACTIVATIONS = Path("data/activations")
 
 
 def main() -> None:
     params = load_params()
-    meta = extract_features(params, read_index(SPLIT), FEATURES)
-    print(f"cached the input of {meta['cut']} and the pooled embedding -> {FEATURES}")
+    extract_features(params, read_index(SPLIT), EMBEDDINGS, ACTIVATIONS)
+    print(f"cached the pooled embeddings -> {EMBEDDINGS}")
+    print(f"cached the input of {params.cut_block} -> {ACTIVATIONS}")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, batch_size_param="features.batch_size")

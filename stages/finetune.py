@@ -6,10 +6,10 @@ import _src_path  # noqa: F401
 
 from twophase.io import write_json
 from twophase.params import load_params
-from twophase.phases import finetune
+from twophase.phases import finetune, finetune_summary
 from twophase.stage import run_stage
 
-FEATURES = Path("data/features")
+ACTIVATIONS = Path("data/activations")
 TRANSFER = Path("models/transfer.pt")
 CHECKPOINT = Path("models/finetune.pt")
 METRICS = Path("metrics/finetune.json")
@@ -18,10 +18,10 @@ HISTORY = Path("plots/finetune/history.csv")
 
 def main() -> None:
     params = load_params()
-    result = finetune(params, FEATURES, TRANSFER, CHECKPOINT, HISTORY)
-    write_json(result.summary(), METRICS)
+    result = finetune(params, ACTIVATIONS, TRANSFER, CHECKPOINT, HISTORY)
+    write_json(finetune_summary(result), METRICS)
     print(f"best epoch {result.best_epoch} (val acc {result.best_val_acc:.4f}) -> {CHECKPOINT}")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, batch_size_param="finetune.batch_size")

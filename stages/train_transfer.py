@@ -9,7 +9,7 @@ from twophase.params import load_params
 from twophase.phases import train_transfer
 from twophase.stage import run_stage
 
-FEATURES = Path("data/features")
+EMBEDDINGS = Path("data/embeddings")
 CHECKPOINT = Path("models/transfer.pt")
 METRICS = Path("metrics/train_transfer.json")
 HISTORY = Path("plots/train_transfer/history.csv")
@@ -17,10 +17,10 @@ HISTORY = Path("plots/train_transfer/history.csv")
 
 def main() -> None:
     params = load_params()
-    result = train_transfer(params, FEATURES, CHECKPOINT, HISTORY)
+    result = train_transfer(params, EMBEDDINGS, CHECKPOINT, HISTORY)
     write_json(result.summary(), METRICS)
     print(f"best epoch {result.best_epoch} (val acc {result.best_val_acc:.4f}) -> {CHECKPOINT}")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, batch_size_param="train_transfer.batch_size")

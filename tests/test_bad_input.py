@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from tests.helpers import make_imagefolder, write_image
-from twophase.datasets import DatasetError, build_index
+from twophase.datasets import DatasetError, build_index, fetch_dataset
 from twophase.decode import load_rgb, unreadable_reason
-from twophase.params import Params, ParamsError, load_params, parse_params
+from twophase.params import Params, ParamsError, load_params, parse_params, read_yaml
 from twophase.split import split_index
 
 # --- params.yaml thrown at the loader: accepted, or the project's own error, never a traceback
@@ -91,7 +90,7 @@ def test_arbitrary_text_files(tmp_path_factory: pytest.TempPathFactory, text: st
 
 
 def test_mutated_project_params_file(tmp_path: Path) -> None:
-    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw = read_yaml((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["finetune"]["unfreeze"] = ["layer2"]
     with pytest.raises(ParamsError, match=r"^finetune.unfreeze: \['layer2'\]"):
         parse_params(raw)
@@ -220,4 +219,5 @@ def test_damaged_pre_placed_archive_is_reported_not_used(tmp_path: Path) -> None
     folder.mkdir()
     (folder / "images.tar.gz").write_bytes(b"half a download")
     with pytest.raises(DatasetError, match=r"images.tar.gz in .* failed torchvision's checksum"):
-        build_index("oxford_iiit_pet", tmp_path)
+        fetch_dataset("oxford_iiit_pet", tmp_path, tmp_path / "downloads")
+    assert (folder / "images.tar.gz").read_bytes() == b"half a download", "never touched"

@@ -14,7 +14,14 @@ import torch
 import torchvision
 
 from tests.helpers import make_imagefolder, write_image
-from twophase.datasets import DatasetError, build_index, class_names, fetch_weights
+from twophase.datasets import (
+    TORCHVISION_SOURCES,
+    DatasetError,
+    build_index,
+    class_names,
+    fetch_dataset,
+    fetch_weights,
+)
 from twophase.model import WeightsError, build_backbone, weights_enum
 
 
@@ -47,12 +54,10 @@ def test_oxford_pet_indexes_trainval_and_test_with_class_names(tmp_path: Path) -
     assert all(Path(p).is_file() for p in index["path"])
 
 
-def test_flowers102_uses_train_and_val_as_the_training_split(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def fake_flowers102(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from scipy.io import savemat
 
-    base = tmp_path / "flowers-102"
+    base = root / "flowers-102"
     for i in range(1, 10):
         write_image(base / "jpg" / f"image_{i:05d}.jpg", seed=i)
     savemat(base / "imagelabels.mat", {"labels": np.array([1, 2, 3] * 3)})
@@ -65,13 +70,11 @@ def test_flowers102_uses_train_and_val_as_the_training_split(
     files["label"] = ("imagelabels.mat", md5(base / "imagelabels.mat"))
     files["setid"] = ("setid.mat", md5(base / "setid.mat"))
     monkeypatch.setattr(torchvision.datasets.Flowers102, "_file_dict", files)
-    index = build_index("flowers102", tmp_path)
-    assert (index["split"] == "train").sum() == 6 and (index["split"] == "test").sum() == 3
-    assert class_names(index)[:2] == ["pink primrose", "hard-leaved pocket orchid"]
+    return root
 
 
-def test_dtd_reads_partition_1(tmp_path: Path) -> None:
-    base = tmp_path / "dtd" / "dtd"
+def fake_dtd(root: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> Path:
+    base = root / "dtd" / "dtd"
     splits = {
         "train1": ["banded/b_1.jpg", "dotted/d_1.jpg"],
         "val1": ["banded/b_2.jpg", "dotted/d_2.jpg"],
@@ -82,13 +85,11 @@ def test_dtd_reads_partition_1(tmp_path: Path) -> None:
         for j, rel in enumerate(files):
             write_image(base / "images" / rel, seed=10 * i + j)
         (base / "labels" / f"{name}.txt").write_text("\n".join(files) + "\n")
-    index = build_index("dtd", tmp_path)
-    assert (index["split"] == "train").sum() == 4
-    assert class_names(index) == ["banded", "dotted"]
+    return root
 
 
-def test_fgvc_aircraft_reads_variants(tmp_path: Path) -> None:
-    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+def fake_fgvc_aircraft(root: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> Path:
+    data = root / "fgvc-aircraft-2013b" / "data"
     data.mkdir(parents=True)
     (data / "variants.txt").write_text("707-320\nA300B4\n")
     entries = {
@@ -99,13 +100,11 @@ def test_fgvc_aircraft_reads_variants(tmp_path: Path) -> None:
         for image_id, _ in rows:
             write_image(data / "images" / f"{image_id}.jpg", seed=int(image_id) % 97)
         (data / f"images_variant_{split}.txt").write_text("".join(f"{i} {v}\n" for i, v in rows))
-    index = build_index("fgvc_aircraft", tmp_path)
-    assert class_names(index) == ["707-320", "A300B4"]
-    assert index.groupby("split").size().to_dict() == {"test": 2, "train": 3}
+    return root
 
 
-def test_food101_reads_meta_json(tmp_path: Path) -> None:
-    base = tmp_path / "food-101"
+def _fake_food101(root: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> Path:
+    base = root / "food-101"
     meta = {
         "train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "ramen": ["ramen/3"]},
         "test": {"apple_pie": ["apple_pie/4"], "ramen": ["ramen/5"]},
@@ -116,25 +115,102 @@ def test_food101_reads_meta_json(tmp_path: Path) -> None:
             for rel in rels:
                 write_image(base / "images" / f"{rel}.jpg", seed=int(rel[-1]))
         (base / "meta" / f"{split}.json").write_text(json.dumps(classes))
-    index = build_index("food101", tmp_path)
+    return root
+
+
+FAKES = {
+    "oxford_iiit_pet": lambda root, monkeypatch: fake_pet(root),
+    "flowers102": fake_flowers102,
+    "dtd": fake_dtd,
+    "fgvc_aircraft": fake_fgvc_aircraft,
+    "food101": _fake_food101,
+}
+
+
+def test_flowers102_uses_train_and_val_as_the_training_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = build_index("flowers102", fake_flowers102(tmp_path, monkeypatch))
+    assert (index["split"] == "train").sum() == 6 and (index["split"] == "test").sum() == 3
+    assert class_names(index)[:2] == ["pink primrose", "hard-leaved pocket orchid"]
+
+
+def test_dtd_reads_partition_1(tmp_path: Path) -> None:
+    index = build_index("dtd", fake_dtd(tmp_path))
+    assert (index["split"] == "train").sum() == 4
+    assert class_names(index) == ["banded", "dotted"]
+
+
+def test_fgvc_aircraft_reads_variants(tmp_path: Path) -> None:
+    index = build_index("fgvc_aircraft", fake_fgvc_aircraft(tmp_path))
+    assert class_names(index) == ["707-320", "A300B4"]
+    assert index.groupby("split").size().to_dict() == {"test": 2, "train": 3}
+
+
+def test_food101_reads_meta_json(tmp_path: Path) -> None:
+    index = build_index("food101", _fake_food101(tmp_path))
     assert class_names(index) == ["apple_pie", "ramen"]
     assert (index["split"] == "test").sum() == 2
 
 
 def test_offline_download_fails_fast_naming_what_to_fetch_and_where(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as caught:
-        build_index("oxford_iiit_pet", tmp_path)
+        fetch_dataset("oxford_iiit_pet", tmp_path / "raw", tmp_path / "downloads")
     message = str(caught.value)
     assert "could not fetch Oxford-IIIT Pet" in message
-    assert "make digits" in message and "images.tar.gz" in message
-    assert str(tmp_path / "oxford-iiit-pet") in message
+    assert "make digits" in message
+    assert "<data.root>/oxford-iiit-pet/images.tar.gz" in message
     assert "\n" not in message
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_food101_archive_placed_where_the_message_says_is_used_and_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchvision's Food101 downloads into root itself and reads root/food-101/{images,meta}."""
+    source = tmp_path / "source"
+    _fake_food101(source)
+    root = tmp_path / "raw"
+    message = TORCHVISION_SOURCES["food101"].manual(root)
+    assert f"place {root / 'food-101.tar.gz'} " in message
+    root.mkdir()
+    with tarfile.open(root / "food-101.tar.gz", "w:gz") as tar:
+        tar.add(source / "food-101", arcname="food-101")
+    monkeypatch.setattr(torchvision.datasets.Food101, "_MD5", md5(root / "food-101.tar.gz"))
+    before = _snapshot(root)
+    downloads = tmp_path / "downloads"
+    assert fetch_dataset("food101", root, downloads) == downloads
+    index = build_index("food101", root, downloads)
+    assert len(index) == 5 and all(p.startswith(str(downloads)) for p in index["path"])
+    assert _snapshot(root) == before, "the user's folder is only read"
+    assert not list(downloads.glob("*.tar.gz")), "the extracted archive is not kept twice"
+
+
+@pytest.mark.parametrize("dataset", sorted(TORCHVISION_SOURCES))
+def test_extracted_folders_placed_where_the_message_says_are_indexed_in_place(
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "raw"
+    FAKES[dataset](root, monkeypatch)
+    source = TORCHVISION_SOURCES[dataset]
+    for folder in source.extracted:
+        assert f"{root / folder}/" in source.manual(root)
+        assert (root / folder).is_dir(), folder
+    downloads = tmp_path / "downloads"
+    assert fetch_dataset(dataset, root, downloads) == root, "no download when it is in place"
+    assert len(build_index(dataset, root, downloads)) > 0
 
 
 def test_pre_placed_archives_are_used_without_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = fake_pet(tmp_path / "source") / "oxford-iiit-pet"
+    root = tmp_path / "raw"
     target = tmp_path / "raw" / "oxford-iiit-pet"
     target.mkdir(parents=True)
     resources = []
@@ -146,17 +222,23 @@ def test_pre_placed_archives_are_used_without_network(
             tar.add(source / folder, arcname=folder)
         resources.append((url, md5(archive)))
     monkeypatch.setattr(torchvision.datasets.OxfordIIITPet, "_RESOURCES", tuple(resources))
-    index = build_index("oxford_iiit_pet", tmp_path / "raw")
+    before = _snapshot(root)
+    fetch_dataset("oxford_iiit_pet", root, tmp_path / "downloads")
+    index = build_index("oxford_iiit_pet", root, tmp_path / "downloads")
     assert len(index) == 6
+    assert _snapshot(root) == before
 
 
 def test_digits_export_in_imagefolder_layout(in_tmp: Path) -> None:
-    index = build_index("digits", Path("data/raw"))
+    fetch_dataset("digits", Path("data/raw"), Path("data/downloads"))
+    index = build_index("digits", Path("data/raw"), Path("data/downloads"))
     assert len(index) == 1797
     assert class_names(index) == [str(d) for d in range(10)]
     assert index.groupby("split").size().to_dict() == {"test": 450, "train": 1347}
     assert not Path(index["path"][0]).is_absolute(), "paths inside the project stay relative"
-    assert build_index("digits", Path("data/raw")).equals(index), "export is deterministic"
+    fetch_dataset("digits", Path("data/raw"), Path("data/downloads"))
+    again = build_index("digits", Path("data/raw"), Path("data/downloads"))
+    assert again.equals(index), "export is deterministic"
 
 
 def test_imagefolder_accepts_val_as_the_test_split(tmp_path: Path) -> None:

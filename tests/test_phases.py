@@ -44,20 +44,21 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = tiny_params()
     split = split_index(build_index("imagefolder", root / "images"), 0.25, params.seed)
     split.to_csv(root / "split.csv", index=False)
-    features.extract_features(params, split, root / "features")
+    features.extract_features(params, split, root / "embeddings", root / "activations")
     return root
 
 
 def test_feature_cache_holds_every_subset_memory_mapped(workdir: Path) -> None:
-    meta = features.load_meta(workdir / "features")
+    meta = features.load_meta(workdir / "activations")
     assert meta["cut"] == "layer4" and meta["class_names"] == ["a", "b", "c"]
-    train = features.load(workdir / "features", "train")
-    assert isinstance(train.activations, np.memmap)
-    assert train.embeddings.shape == (18, 512)
-    assert train.activations.shape == (18, 2, 2, 256)  # layer3's output at 32 px, NHWC
-    assert (
-        features.load(workdir / "features", "test").labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
-    )
+    assert "cut" not in features.load_meta(workdir / "embeddings")
+    embeddings, _ = features.load_embeddings(workdir / "embeddings", "train")
+    activations, _ = features.load_activations(workdir / "activations", "train")
+    assert isinstance(activations, np.memmap)
+    assert embeddings.shape == (18, 512)
+    assert activations.shape == (18, 2, 2, 256)  # layer3's output at 32 px, NHWC
+    _, test_labels = features.load_embeddings(workdir / "embeddings", "test")
+    assert test_labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
 
 
 def test_checkpoint_holds_the_best_epoch_and_runs_are_identical(workdir: Path) -> None:
@@ -65,7 +66,7 @@ def test_checkpoint_holds_the_best_epoch_and_runs_are_identical(workdir: Path) -
     runs = []
     for attempt in range(2):
         ckpt = workdir / f"transfer{attempt}.pt"
-        result = train_transfer(params, workdir / "features", ckpt, workdir / f"h{attempt}.csv")
+        result = train_transfer(params, workdir / "embeddings", ckpt, workdir / f"h{attempt}.csv")
         runs.append((result, ckpt))
     (first, ckpt), (second, ckpt2) = runs
     assert {k: v for k, v in first.summary().items() if k != "wall_seconds"} == {
@@ -76,18 +77,21 @@ def test_checkpoint_holds_the_best_epoch_and_runs_are_identical(workdir: Path) -
     other, _ = load_checkpoint(ckpt2)
     for key, value in network.state_dict().items():
         assert torch.equal(value, other.state_dict()[key]), key
-    val = features.load(workdir / "features", "val")
-    loss, _ = run_epoch(tail_of(network, None), array_batches(val.embeddings, val.labels, 8), CPU)
+    val = features.load_embeddings(workdir / "embeddings", "val")
+    loss, _ = run_epoch(tail_of(network, None), array_batches(*val, 8), CPU)
     assert loss == pytest.approx(first.best_val_loss, abs=1e-5)
     assert meta["best_epoch"] == first.best_epoch
 
 
 def test_finetune_continues_from_phase_one_and_evaluate_scores_both(workdir: Path) -> None:
     params = tiny_params()
-    feats = workdir / "features"
-    first = train_transfer(params, feats, workdir / "t.pt", workdir / "t.csv")
-    second = finetune(params, feats, workdir / "t.pt", workdir / "f.pt", workdir / "f.csv")
-    assert second.history[0].epoch == first.history[-1].epoch + 1
+    embeddings, activations = workdir / "embeddings", workdir / "activations"
+    first = train_transfer(params, embeddings, workdir / "t.pt", workdir / "t.csv")
+    second = finetune(params, activations, workdir / "t.pt", workdir / "f.pt", workdir / "f.csv")
+    assert second.start_epoch == first.history[-1].epoch, "phase 2 validates its start first"
+    assert second.history[0].epoch == first.history[-1].epoch
+    assert second.history[0].val_loss == pytest.approx(first.best_val_loss, abs=1e-5)
+    assert second.history[1].epoch == first.history[-1].epoch + 1
     network, meta = load_checkpoint(workdir / "f.pt")
     assert meta["frozen"] == ["stem", "layer1", "layer2", "layer3"]
     phase1, _ = load_checkpoint(workdir / "t.pt")
@@ -98,7 +102,8 @@ def test_finetune_continues_from_phase_one_and_evaluate_scores_both(workdir: Pat
 
     summary = evaluate(
         params,
-        feats,
+        embeddings,
+        activations,
         pd.read_csv(workdir / "split.csv"),
         {"transfer": workdir / "t.pt", "finetune": workdir / "f.pt"},
         workdir / "evaluate.json",

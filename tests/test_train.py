@@ -178,11 +178,12 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
     cached_net = copy.deepcopy(streamed_net)
     data = ImageDataset(paths, labels, 32, Preprocessing())
 
-    cache = tmp_path / "features"
+    cache = tmp_path / "activations"
     trunk = FrozenTrunk(cached_net.blocks, "layer4")
     extract(
         trunk,
         {"train": (paths, labels)},
+        tmp_path / "embeddings",
         cache,
         image_size=32,
         prep=Preprocessing(),
@@ -190,7 +191,7 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
         num_workers=0,
         device=CPU,
     )
-    activations = features.load(cache, "train").activations  # memory-mapped, NHWC
+    activations, _ = features.load_activations(cache, "train")  # memory-mapped, NHWC
     labels_array = np.asarray(labels)
 
     torch.manual_seed(3)

@@ -8,6 +8,7 @@ class, so all datasets look alike from there on.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from twophase.errors import TwophaseError
 INDEX_COLUMNS = ["path", "label", "class_name", "split"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 NETWORK_TIMEOUT_S = 10.0
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".mat")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
 class DatasetError(TwophaseError):
@@ -35,15 +36,26 @@ class DatasetError(TwophaseError):
 
 @dataclass(frozen=True)
 class TorchvisionSource:
-    """How one torchvision dataset class is asked for its official train and test splits."""
+    """How one torchvision dataset class is asked for its official train and test splits.
+
+    `archives` and `extracted` are where torchvision's class itself looks, relative to the root
+    it is given (read from its source): the offline instructions name exactly these places.
+    """
 
     title: str
     class_name: str
     folder: str  # what torchvision creates under root
     train_splits: tuple[str, ...]
     test_split: str
-    manual: str  # what to place where, for machines without network
+    archives: tuple[str, ...]  # downloaded files, relative to root
+    extracted: tuple[str, ...]  # what torchvision reads once they are extracted
     extra: tuple[tuple[str, Any], ...] = ()
+
+    def manual(self, root: Path) -> str:
+        """Where to put the files by hand, in the words of one line."""
+        archives = " and ".join(str(root / a) for a in self.archives)
+        extracted = " and ".join(f"{root / e}/" for e in self.extracted)
+        return f"place {archives} (or the extracted {extracted})"
 
 
 TORCHVISION_SOURCES = {
@@ -53,7 +65,8 @@ TORCHVISION_SOURCES = {
         "oxford-iiit-pet",
         ("trainval",),
         "test",
-        "images.tar.gz and annotations.tar.gz (or their extracted images/ and annotations/)",
+        ("oxford-iiit-pet/images.tar.gz", "oxford-iiit-pet/annotations.tar.gz"),
+        ("oxford-iiit-pet/images", "oxford-iiit-pet/annotations"),
         (("target_types", "category"),),
     ),
     "flowers102": TorchvisionSource(
@@ -62,7 +75,8 @@ TORCHVISION_SOURCES = {
         "flowers-102",
         ("train", "val"),
         "test",
-        "102flowers.tgz extracted to jpg/, plus imagelabels.mat and setid.mat",
+        ("flowers-102/102flowers.tgz", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"),
+        ("flowers-102/jpg",),
     ),
     "dtd": TorchvisionSource(
         "DTD",
@@ -70,7 +84,8 @@ TORCHVISION_SOURCES = {
         "dtd",
         ("train", "val"),
         "test",
-        "dtd-r1.0.1.tar.gz (or its extracted dtd/ folder with images/ and labels/)",
+        ("dtd/dtd-r1.0.1.tar.gz",),
+        ("dtd/dtd/images", "dtd/dtd/labels"),
     ),
     "fgvc_aircraft": TorchvisionSource(
         "FGVC-Aircraft",
@@ -78,7 +93,8 @@ TORCHVISION_SOURCES = {
         "fgvc-aircraft-2013b",
         ("trainval",),
         "test",
-        "fgvc-aircraft-2013b.tar.gz extracted (fgvc-aircraft-2013b/data/...)",
+        ("fgvc-aircraft-2013b.tar.gz",),
+        ("fgvc-aircraft-2013b/data",),
         (("annotation_level", "variant"),),
     ),
     "food101": TorchvisionSource(
@@ -87,17 +103,57 @@ TORCHVISION_SOURCES = {
         "food-101",
         ("train",),
         "test",
-        "food-101.tar.gz (or its extracted food-101/ folder with images/ and meta/)",
+        ("food-101.tar.gz",),
+        ("food-101/images", "food-101/meta"),
     ),
 }
 
 
-def build_index(dataset: str, root: Path, download: bool = True) -> pd.DataFrame:
-    """Fetch (if needed) and index `dataset` under `root`."""
-    if dataset in TORCHVISION_SOURCES:
-        return index_torchvision(TORCHVISION_SOURCES[dataset], root, download)
+def fetch_dataset(dataset: str, root: Path, downloads: Path) -> Path | None:
+    """The download stage's data part: make `dataset` readable; return where it now lives.
+
+    `root` (data.root) is the user's folder and is only ever read. Anything this stage creates
+    goes under `downloads`, a folder it alone writes: the digits export, and torchvision
+    datasets that are not already extracted in `root` (archives the user placed in `root` are
+    linked into `downloads`, checked and extracted there; otherwise they are downloaded).
+    """
+    downloads.mkdir(parents=True, exist_ok=True)
     if dataset == "digits":
-        return index_imagefolder(export_digits(root / "digits"))
+        return export_digits(downloads / "digits")
+    if dataset not in TORCHVISION_SOURCES:
+        return None
+    source = TORCHVISION_SOURCES[dataset]
+    if _opens(source, root):
+        return root
+    for relative in source.archives:
+        placed, target = root / relative, downloads / relative
+        if placed.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if placed.name.endswith(ARCHIVE_SUFFIXES):  # large: linked, never copied or moved
+                target.symlink_to(placed.resolve())
+            else:
+                shutil.copyfile(placed, target)
+    try:
+        _open_splits(source, downloads, download=True)
+    finally:
+        extracted = _opens(source, downloads)
+        for relative in source.archives:  # once extracted, the archives are dead weight
+            target = downloads / relative
+            if target.is_symlink() or (extracted and target.name.endswith(ARCHIVE_SUFFIXES)):
+                target.unlink(missing_ok=True)
+    return downloads
+
+
+def build_index(dataset: str, root: Path, downloads: Path | None = None) -> pd.DataFrame:
+    """Index `dataset`: from `root` (the user's folder) or what the download stage wrote."""
+    if dataset in TORCHVISION_SOURCES:
+        source = TORCHVISION_SOURCES[dataset]
+        where = root if downloads is None or _opens(source, root) else downloads
+        return index_torchvision(source, where)
+    if dataset == "digits":
+        if downloads is None:
+            raise DatasetError("digits are exported by the download stage: run dvc repro")
+        return index_imagefolder(downloads / "digits")
     if dataset == "imagefolder":
         return index_imagefolder(root)
     raise DatasetError(f"data.dataset: unknown dataset {dataset!r}")
@@ -114,18 +170,38 @@ def network_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def index_torchvision(source: TorchvisionSource, root: Path, download: bool) -> pd.DataFrame:
+def _opens(source: TorchvisionSource, root: Path) -> bool:
+    """Whether torchvision finds the dataset extracted under `root` (no network, no writes)."""
+    try:
+        _open_splits(source, root, download=False)
+    except DatasetError:
+        return False
+    return True
+
+
+def _open_splits(source: TorchvisionSource, root: Path, download: bool) -> list[tuple[Any, str]]:
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, source.class_name)
     splits = [(name, "train") for name in source.train_splits] + [(source.test_split, "test")]
-    frames = []
+    opened = []
     for tv_split, split in splits:
         try:
             with network_timeout(NETWORK_TIMEOUT_S):
                 ds = cls(str(root), split=tv_split, download=download, **dict(source.extra))
         except (OSError, RuntimeError) as err:  # urllib errors are OSErrors
-            raise DatasetError(_fetch_failure(source, root, err)) from err
+            raise DatasetError(_fetch_failure(source, root, err, download)) from err
+        opened.append((ds, split))
+    return opened
+
+
+def index_torchvision(
+    source: TorchvisionSource, root: Path, warn: Callable[[str], None] | None = None
+) -> pd.DataFrame:
+    """The official splits as torchvision lists them; unreadable images skipped with a warning."""
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    frames = []
+    for ds, split in _open_splits(source, root, download=False):
         files = getattr(ds, "_images", None) or getattr(ds, "_image_files", None)
         if files is None:  # pragma: no cover - guards against torchvision renaming internals
             raise DatasetError(f"cannot list the files of torchvision's {source.class_name}")
@@ -143,22 +219,37 @@ def index_torchvision(source: TorchvisionSource, root: Path, download: bool) -> 
         )
     index = pd.concat(frames, ignore_index=True)[INDEX_COLUMNS]
     check_files_exist(index, root / source.folder)
+    readable = set(_readable([Path(p) for p in index["path"]], warn, f"{source.title} in {root}"))
+    index = index[[Path(p) in readable for p in index["path"]]].reset_index(drop=True)
+    empty = sorted(
+        set(index["class_name"].unique())
+        ^ set(index.loc[index["split"] == "train", "class_name"].unique())
+    )
+    if empty:
+        raise DatasetError(
+            f"{source.title} in {root}: no readable training image left for {', '.join(empty)}"
+        )
     return index
 
 
-def _fetch_failure(source: TorchvisionSource, root: Path, err: Exception) -> str:
+def _fetch_failure(source: TorchvisionSource, root: Path, err: Exception, download: bool) -> str:
     where = root / source.folder
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    archives = sorted(p.name for p in where.glob("*") if p.name.endswith(ARCHIVE_SUFFIXES))
+    if not download:
+        return (
+            f"{source.title} is not in {root} ({reason}): run the download stage "
+            f"(dvc repro), or {source.manual(root)}"
+        )
+    archives = sorted(a for a in source.archives if (root / a).exists())
     if archives or "corrupted" in reason.lower() or "md5" in reason.lower():
         return (
-            f"{source.title}: {', '.join(archives) or 'a download'} in {where} failed "
+            f"{source.title}: {', '.join(archives) or 'a download'} in {root} failed "
             f"torchvision's checksum check ({reason}); a partial or damaged download is never "
-            "used: delete it and rerun, or place a good copy there"
+            "used: delete it and rerun, or place a good copy in data.root"
         )
     return (
         f"could not fetch {source.title} into {where} ({reason}). Without network, either run the "
-        f"offline digits pipeline (make digits) or place {source.manual} in {where}/ and rerun"
+        f"offline digits pipeline (make digits) or {source.manual(Path('<data.root>'))} and rerun"
     )
 
 
@@ -193,13 +284,13 @@ def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> 
     if not root.is_dir():
         raise DatasetError(
             f"data.root: {str(root)!r} is not a folder (imagefolder expects "
-            "<root>/train/<class>/* and <root>/test/<class>/*)"
+            f"<root>/train/<class>/* and <root>/test/<class>/*){_copied_run_hint(root)}"
         )
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DatasetError(
             f"data.root: {str(root)!r} must hold train/<class>/ and test/<class>/ "
-            "(or val/<class>/) folders"
+            f"(or val/<class>/) folders{_copied_run_hint(root)}"
         )
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if len(classes) < 2:
@@ -231,7 +322,18 @@ def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> 
     return index
 
 
-def _readable(images: list[Path], warn: Callable[[str], None]) -> list[Path]:
+def _copied_run_hint(root: Path) -> str:
+    """`dvc exp run --temp` and queued runs work in a copy holding only what git tracks."""
+    if root.is_absolute() or "/.dvc/tmp/exps/" not in Path.cwd().as_posix() + "/":
+        return ""
+    return (
+        "; this --temp or queued experiment runs in a copy of what git tracks, without your "
+        "images: set data.root to their absolute path outside the repository, or run without "
+        "--temp/--queue"
+    )
+
+
+def _readable(images: list[Path], warn: Callable[[str], None], where: str = "") -> list[Path]:
     """The images that decode; the others are skipped with one warning naming a few."""
     with ThreadPoolExecutor(
         max_workers=min(8, os.cpu_count() or 1)
@@ -240,7 +342,8 @@ def _readable(images: list[Path], warn: Callable[[str], None]) -> list[Path]:
     bad = [(path, reason) for path, reason in zip(images, reasons, strict=True) if reason]
     if bad:
         examples = "; ".join(f"{path.name}: {reason}" for path, reason in bad[:3])
-        warn(f"{images[0].parent}: skipped {len(bad)} image(s) that cannot be used ({examples})")
+        where = where or str(images[0].parent)
+        warn(f"{where}: skipped {len(bad)} image(s) that cannot be used ({examples})")
     return [path for path, reason in zip(images, reasons, strict=True) if not reason]
 
 

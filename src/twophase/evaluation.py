@@ -24,7 +24,8 @@ GRID_IMAGES = 8
 
 def evaluate(
     params: Params,
-    features_dir: Path,
+    embeddings_dir: Path,
+    activations_dir: Path,
     split: pd.DataFrame,
     checkpoints: dict[str, Path],
     metrics_path: Path,
@@ -33,7 +34,8 @@ def evaluate(
     """Score each phase's checkpoint on the cached test inputs; write metrics, data and PNGs."""
     device = resolve_device(params.device)
     amp = autocast_dtype(device, params.precision)
-    test = features.load(features_dir, "test")
+    test_embeddings, test_labels = features.load_embeddings(embeddings_dir, "test")
+    test_activations, _ = features.load_activations(activations_dir, "test")
     test_rows = split[split["subset"] == "test"].reset_index(drop=True)
     rng = np.random.default_rng(params.seed)
     grid_rows = np.sort(rng.choice(len(test_rows), min(GRID_IMAGES, len(test_rows)), replace=False))
@@ -43,10 +45,10 @@ def evaluate(
         network, checkpoint = load_checkpoint(checkpoint_path)
         names: list[str] = checkpoint["class_names"]
         first = first_trainable_block(checkpoint, network)
-        inputs = test.embeddings if first is None else test.activations
+        inputs = test_embeddings if first is None else test_activations
         probs, labels = predict(
             tail_of(network, first),
-            array_batches(inputs, test.labels, 256, nhwc=first is not None),
+            array_batches(inputs, test_labels, params.finetune.batch_size, nhwc=first is not None),
             device,
             amp,
         )

@@ -84,7 +84,13 @@ def build_backbone(arch: str, weights: str, progress: bool = True) -> nn.Module:
     if enum is not None:
         net.load_state_dict(enum.get_state_dict(progress=progress, check_hash=True))
     elif weights.lower() != "none":
-        result = net.load_state_dict(load_state_dict_file(Path(weights)), strict=False)
+        try:
+            result = net.load_state_dict(load_state_dict_file(Path(weights)), strict=False)
+        except RuntimeError as err:  # right names, wrong shapes
+            mismatch = next((line.strip() for line in str(err).splitlines() if "size" in line), "")
+            raise WeightsError(
+                f"model.weights: {weights!r} does not fit {arch} ({mismatch.rstrip('.')})"
+            ) from None
         missing = [k for k in result.missing_keys if not k.startswith("fc.")]
         if missing or result.unexpected_keys:
             raise WeightsError(
@@ -99,12 +105,20 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A local state dict (plain, or a checkpoint dict with 'state_dict'/'model'), fc dropped."""
     if not path.is_file():
         raise WeightsError(f"model.weights: file {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsError(
+            f"model.weights: {str(path)!r} is not a PyTorch weights file ({reason[:120]})"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise WeightsError(f"model.weights: {str(path)!r} holds no state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(
+            f"model.weights: {str(path)!r} holds no state dict (a mapping of names to tensors)"
+        )
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     return state
 
@@ -153,17 +167,24 @@ class Network(nn.Module):
     """blocks → (global average pool → flatten) → head, with some blocks frozen.
 
     Frozen blocks get `requires_grad=False` and stay in eval mode even under `.train()`, so their
-    BatchNorm running statistics never move. With no blocks the input is already an embedding.
+    BatchNorm running statistics never move. With `freeze_batchnorm`, the BatchNorm layers of the
+    trainable blocks stay in eval mode too (running statistics fixed, affine parameters train).
+    With no blocks the input is already an embedding.
     """
 
     def __init__(
-        self, blocks: OrderedDict[str, nn.Module], head: nn.Sequential, frozen: Iterable[str] = ()
+        self,
+        blocks: OrderedDict[str, nn.Module],
+        head: nn.Sequential,
+        frozen: Iterable[str] = (),
+        freeze_batchnorm: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleDict(blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if blocks else None
         self.head = head
         self.frozen: tuple[str, ...] = ()
+        self.freeze_batchnorm = freeze_batchnorm
         self.set_frozen(frozen)
 
     def set_frozen(self, frozen: Iterable[str]) -> None:
@@ -180,6 +201,10 @@ class Network(nn.Module):
         super().train(mode)
         for name in self.frozen:
             self.blocks[name].eval()
+        if self.freeze_batchnorm:
+            for module in self.blocks.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +234,8 @@ def tail_of(network: Network, first_block: str | None) -> Network:
     names = list(network.blocks)
     kept = names[names.index(first_block) :] if first_block is not None else []
     frozen = tuple(name for name in network.frozen if name in kept)
-    return Network(OrderedDict((n, network.blocks[n]) for n in kept), network.head, frozen)
+    blocks = OrderedDict((n, network.blocks[n]) for n in kept)
+    return Network(blocks, network.head, frozen, network.freeze_batchnorm)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -42,6 +42,7 @@ ARCHS = (
 )
 BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BATCHNORM_MODES = ("frozen", "train")
 
 
 class ParamsError(TwophaseError, ValueError):
@@ -123,10 +124,12 @@ class FinetuneParams(PhaseParams):
     lr: float = 1e-5
     epochs: int = 15
     unfreeze: tuple[str, ...] = ("layer4",)
+    batchnorm: str = "frozen"
 
     def __post_init__(self) -> None:
         self._validate("finetune", min_epochs=0)  # 0: phase 1 alone, e.g. to diff the phases
         check_unfreeze(self.unfreeze)
+        _check_choice("finetune.batchnorm", self.batchnorm, BATCHNORM_MODES)
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ class Params:
         return unfrozen_blocks(self.finetune.unfreeze)[0]
 
     def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
 

@@ -2,7 +2,8 @@
 
 Phase 1 (transfer) trains only the head, on the cached pooled embeddings.
 Phase 2 (fine-tune) starts from phase 1's checkpoint and trains the unfrozen blocks and the head,
-on the cached activations entering the first unfrozen block.
+on the cached activations entering the first unfrozen block. Its starting weights are validated
+first and stay a candidate, so phase 2 never hands back a model worse on validation than phase 1.
 Both call the same `train.fit`.
 """
 
@@ -19,6 +20,7 @@ import torch
 from twophase import features
 from twophase.batches import array_batches as batches
 from twophase.checkpoint import load_checkpoint, save_checkpoint
+from twophase.features import FeatureCacheError
 from twophase.io import write_csv
 from twophase.model import Network, Preprocessing, build_head, network_keys, tail_of
 from twophase.params import BLOCKS, Params
@@ -42,16 +44,16 @@ def _history_writer(path: Path) -> Callable[[EpochStats], None]:
 
 
 def train_transfer(
-    params: Params, features_dir: Path, checkpoint_path: Path, history_path: Path
+    params: Params, embeddings_dir: Path, checkpoint_path: Path, history_path: Path
 ) -> FitResult:
     """Phase 1: the head alone, on cached embeddings (held in memory: they are small)."""
     seed_everything(params.seed)
     device = resolve_device(params.device)
-    meta = features.load_meta(features_dir)
-    train = features.load(features_dir, "train", embeddings_in_memory=True)
-    val = features.load(features_dir, "val", embeddings_in_memory=True)
+    meta = features.load_meta(embeddings_dir)
+    train = features.load_embeddings(embeddings_dir, "train", in_memory=True)
+    val = features.load_embeddings(embeddings_dir, "val", in_memory=True)
     # The backbone comes from the cache, not torchvision: this stage stays quick to start.
-    backbone = torch.load(features_dir / features.BACKBONE, map_location="cpu", weights_only=True)
+    backbone = torch.load(embeddings_dir / features.BACKBONE, map_location="cpu", weights_only=True)
     head = build_head(
         meta["embedding_dim"],
         params.model.dense_units,
@@ -61,8 +63,8 @@ def train_transfer(
     phase = params.train_transfer
     result = fit(
         Network(OrderedDict(), head),
-        batches(train.embeddings, train.labels, phase.batch_size, True, params.seed),
-        batches(val.embeddings, val.labels, phase.batch_size, False, params.seed),
+        batches(*train, phase.batch_size, True, params.seed),
+        batches(*val, phase.batch_size, False, params.seed),
         lr=phase.lr,
         epochs=phase.epochs,
         patience=phase.patience,
@@ -88,25 +90,28 @@ def train_transfer(
 
 def finetune(
     params: Params,
-    features_dir: Path,
+    activations_dir: Path,
     transfer_checkpoint: Path,
     checkpoint_path: Path,
     history_path: Path,
 ) -> FitResult:
     """Phase 2: unfrozen blocks + head from phase 1's weights, on cached activations.
 
-    Epochs are numbered on from phase 1's last epoch, so both phases share one axis.
+    Epochs are numbered on from phase 1's last epoch, so both phases share one axis; the
+    starting weights are validated as that last epoch and kept unless an epoch beats them.
     """
     seed_everything(params.seed)
     device = resolve_device(params.device)
     network, start = load_checkpoint(transfer_checkpoint)
     cut = params.cut_block
-    meta = features.load_meta(features_dir)
+    meta = features.load_meta(activations_dir)
     if meta["cut"] != cut:
-        raise ValueError(f"the feature cache was cut at {meta['cut']}, not {cut}: rerun features")
+        raise FeatureCacheError(
+            f"finetune.unfreeze starts at {cut} but the feature cache in {activations_dir} holds "
+            f"the input of {meta['cut']}: rerun the features stage (dvc repro)"
+        )
     network.set_frozen(BLOCKS[: BLOCKS.index(cut)])
-    train = features.load(features_dir, "train")
-    val = features.load(features_dir, "val")
+    network.freeze_batchnorm = params.finetune.batchnorm == "frozen"
     phase = params.finetune
     if phase.epochs == 0:  # phase 2 skipped: its checkpoint is phase 1's network
         network.set_frozen(BLOCKS)
@@ -117,21 +122,24 @@ def finetune(
             best_val_acc=start["best_val_acc"],
         )
     else:
+        train = features.load_activations(activations_dir, "train")
+        val = features.load_activations(activations_dir, "val")
         result = fit(
             tail_of(network, cut),
-            batches(
-                train.activations, train.labels, phase.batch_size, True, params.seed, nhwc=True
-            ),
-            batches(val.activations, val.labels, phase.batch_size, False, params.seed, nhwc=True),
+            batches(*train, phase.batch_size, True, params.seed, nhwc=True),
+            batches(*val, phase.batch_size, False, params.seed, nhwc=True),
             lr=phase.lr,
             epochs=phase.epochs,
             patience=phase.patience,
             device=device,
             amp_dtype=autocast_dtype(device, params.precision),
             first_epoch=start["last_epoch"] + 1,
+            validate_start=True,
             on_epoch=_history_writer(history_path),
             desc="finetune",
         )
+        if result.kept_starting_weights:
+            print("finetune: no epoch beat phase 1 on validation loss; kept phase 1's weights")
     save_checkpoint(
         network.cpu().state_dict(),
         network.frozen,
@@ -144,3 +152,9 @@ def finetune(
         last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
     )
     return result
+
+
+def finetune_summary(result: FitResult) -> dict[str, float | int | bool]:
+    """metrics/finetune.json: the training summary, and whether phase 1's weights were kept."""
+    kept = result.kept_starting_weights or result.start_epoch is None  # None: phase 2 skipped
+    return {**result.summary(), "kept_phase1_weights": kept}

@@ -43,6 +43,12 @@ class FitResult:
     best_val_acc: float = 0.0
     stopped_early: bool = False
     wall_seconds: float = 0.0
+    start_epoch: int | None = None  # set when the starting weights were validated as a candidate
+
+    @property
+    def kept_starting_weights(self) -> bool:
+        """No epoch beat the starting weights on val loss: the model holds them unchanged."""
+        return self.start_epoch is not None and self.best_epoch == self.start_epoch
 
     @property
     def epochs_run(self) -> int:
@@ -117,13 +123,16 @@ def fit(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     first_epoch: int = 1,
+    validate_start: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
     desc: str = "train",
 ) -> FitResult:
     """Train until `epochs` or `patience` epochs without a better val loss; keep the best weights.
 
     On return the model holds the weights of the best epoch (a deep copy taken then), whether or
-    not training stopped early.
+    not training stopped early. With `validate_start`, the starting weights are scored first (as
+    epoch `first_epoch - 1`, both losses in eval mode) and are a candidate like any epoch: if no
+    epoch beats them, the model is handed back unchanged.
     """
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=lr)
@@ -132,30 +141,41 @@ def fit(
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     start = time.perf_counter()
-    bar = tqdm(range(first_epoch, first_epoch + epochs), desc=desc, unit="epoch", leave=False)
-    for epoch in bar:
-        train_loss, train_acc = run_epoch(
-            model, train_batches, device, amp_dtype, optimizer, scaler
-        )
-        val_loss, val_acc = run_epoch(model, val_batches, device, amp_dtype)
-        for name, value in (("training", train_loss), ("validation", val_loss)):
+
+    def record(stats: EpochStats) -> bool:
+        """Log one epoch; keep a deep copy of the weights if it is the best so far."""
+        nonlocal best_state
+        for name, value in (("training", stats.train_loss), ("validation", stats.val_loss)):
             if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"{desc}: {name} loss became {value} in epoch {epoch} with lr={lr:g}; "
+                    f"{desc}: {name} loss became {value} in epoch {stats.epoch} with lr={lr:g}; "
                     "lower the learning rate"
                 )
-        stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc)
         result.history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
         tqdm.write(
-            f"{desc} epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f}"
+            f"{desc} epoch {stats.epoch}: train loss {stats.train_loss:.4f} "
+            f"acc {stats.train_acc:.4f} | val loss {stats.val_loss:.4f} acc {stats.val_acc:.4f}"
         )
-        if val_loss < result.best_val_loss:
-            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - result.best_epoch >= patience:
+        if stats.val_loss >= result.best_val_loss:
+            return False
+        result.best_epoch, result.best_val_loss = stats.epoch, stats.val_loss
+        result.best_val_acc = stats.val_acc
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    if validate_start:
+        result.start_epoch = first_epoch - 1
+        train_scores = run_epoch(model, train_batches, device, amp_dtype)
+        val_scores = run_epoch(model, val_batches, device, amp_dtype)
+        record(EpochStats(result.start_epoch, *train_scores, *val_scores))
+    bar = tqdm(range(first_epoch, first_epoch + epochs), desc=desc, unit="epoch", leave=False)
+    for epoch in bar:
+        train_scores = run_epoch(model, train_batches, device, amp_dtype, optimizer, scaler)
+        val_scores = run_epoch(model, val_batches, device, amp_dtype)
+        improved = record(EpochStats(epoch, *train_scores, *val_scores))
+        if not improved and epoch - result.best_epoch >= patience:
             result.stopped_early = True
             break
     bar.close()

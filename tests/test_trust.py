@@ -1,0 +1,208 @@
+"""Issue E: one clear line for each user-reachable failure; phase 2 never worse than phase 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tests.helpers import PROJECT, write_image
+from tests.test_datasets import fake_pet
+from tests.test_train import tiny_network
+from twophase import features
+from twophase.batches import array_batches
+from twophase.datasets import DatasetError, build_index
+from twophase.features import FeatureCacheError, check_free_space
+from twophase.io import write_json
+from twophase.model import WeightsError, build_backbone
+from twophase.params import ParamsError, parse_params
+from twophase.stage import run_stage
+from twophase.train import fit
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_out_of_numpys_range_is_a_params_error(seed: int) -> None:
+    with pytest.raises(ParamsError, match=r"^seed: .* expected an integer in \[0, 2\*\*32\)"):
+        parse_params({"seed": seed})
+
+
+def test_weights_with_the_right_names_but_wrong_shapes(tmp_path: Path) -> None:
+    state = torchvision.models.resnet18().state_dict()
+    state["layer4.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(WeightsError, match=r"does not fit resnet18 \(.*layer4.0.conv1.weight"):
+        build_backbone("resnet18", str(tmp_path / "odd.pt"))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a pickle at all", b"PK\x03\x04 truncated zip"],
+    ids=["garbage", "truncated"],
+)
+def test_corrupt_weights_file_is_one_line(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(WeightsError, match="is not a PyTorch weights file") as caught:
+        build_backbone("resnet18", str(tmp_path / "bad.pt"))
+    assert "\n" not in str(caught.value)
+
+
+def test_weights_file_without_a_state_dict(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "meta.pt")
+    with pytest.raises(WeightsError, match="holds no state dict"):
+        build_backbone("resnet18", str(tmp_path / "meta.pt"))
+
+
+def _stage_exit(main, capsys: pytest.CaptureFixture[str], **kwargs) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as caught:
+        run_stage(main, **kwargs)
+    return int(caught.value.code), capsys.readouterr().err
+
+
+def test_cuda_out_of_memory_names_the_batch_size_param(capsys: pytest.CaptureFixture[str]) -> None:
+    def main() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    code, err = _stage_exit(main, capsys, batch_size_param="finetune.batch_size")
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "twophase: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate "
+        "2.00 GiB); lower finetune.batch_size and rerun"
+    ]
+
+
+def test_disk_too_small_for_the_feature_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usage = type("usage", (), {"free": 2**30})
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
+    check_free_space(tmp_path, values=2**28)  # exactly 1 GiB of float32: fits
+    with pytest.raises(FeatureCacheError, match=r"needs 4.00 GiB in .* only 1.00 GiB is free"):
+        check_free_space(tmp_path, values=2**30)
+
+
+def test_feature_cache_cut_elsewhere_is_one_line(tmp_path: Path) -> None:
+    from twophase.phases import finetune
+
+    write_json({"cut": "layer4"}, tmp_path / "activations" / "meta.json")
+    params = parse_params(
+        {"model": {"weights": "none"}, "finetune": {"unfreeze": ["layer3", "layer4"]}}
+    )
+    torch.save(_tiny_checkpoint(), tmp_path / "transfer.pt")
+    with pytest.raises(
+        FeatureCacheError, match=r"starts at layer3 but .* holds the input of layer4"
+    ):
+        finetune(
+            params,
+            tmp_path / "activations",
+            tmp_path / "transfer.pt",
+            tmp_path / "f.pt",
+            tmp_path / "h.csv",
+        )
+
+
+def _tiny_checkpoint() -> dict:
+    from twophase.model import full_network
+
+    network = full_network("resnet18", "none", [4], 0.0, 2)
+    return {
+        "model": network.state_dict(),
+        "arch": "resnet18",
+        "dense_units": [4],
+        "dropout": 0.0,
+        "class_names": ["a", "b"],
+        "frozen": list(network.frozen),
+    }
+
+
+def test_corrupt_image_inside_a_torchvision_dataset_is_skipped_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    root = fake_pet(tmp_path)
+    (root / "oxford-iiit-pet" / "images" / "Abyssinian_2.jpg").write_bytes(b"\xff\xd8 cut short")
+    with pytest.warns(UserWarning, match=r"Oxford-IIIT Pet .* skipped 1 image.*Abyssinian_2.jpg"):
+        index = build_index("oxford_iiit_pet", root)
+    assert len(index) == 5 and not index["path"].str.contains("Abyssinian_2").any()
+
+
+def test_torchvision_class_left_without_readable_training_images_is_an_error(
+    tmp_path: Path,
+) -> None:
+    root = fake_pet(tmp_path)
+    for name in ("Abyssinian_1", "Abyssinian_2"):
+        (root / "oxford-iiit-pet" / "images" / f"{name}.jpg").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no readable training"):
+        build_index("oxford_iiit_pet", root)
+
+
+def test_leftovers_of_a_killed_rename_are_cleaned(tmp_path: Path) -> None:
+    from twophase.io import atomic_path
+
+    for stale in (".cache.tmp-123", ".cache.old-456"):
+        write_image(tmp_path / stale / "x.jpg", seed=0)
+    with atomic_path(tmp_path / "cache") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_phase_two_that_only_gets_worse_hands_back_its_starting_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    inputs = torch.randn(24, 4).numpy()
+    labels = (torch.arange(24) % 3).numpy()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(
+        model,
+        array_batches(inputs, labels, 8, True),
+        array_batches(inputs, labels, 8),
+        lr=50.0,  # every step overshoots: no epoch beats the start
+        epochs=3,
+        patience=5,
+        device=CPU,
+        first_epoch=11,
+        validate_start=True,
+    )
+    assert result.start_epoch == 10 and result.history[0].epoch == 10
+    assert result.kept_starting_weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, start[key]), key
+
+
+def test_frozen_batchnorm_keeps_running_statistics_while_affine_parameters_train() -> None:
+    torch.manual_seed(0)
+    network = tiny_network(dropout=0.0)
+    network.set_frozen(("stem", "layer1", "layer2", "layer3"))
+    network.freeze_batchnorm = True
+    bn = network.blocks["layer4"][0].bn1
+    before = bn.running_mean.clone(), bn.weight.detach().clone()
+    network.train()
+    assert not bn.training
+    optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.1)
+    loss = network(torch.randn(4, 3, 32, 32)).sum()
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(bn.running_mean, before[0]), "statistics fixed"
+    assert not torch.equal(bn.weight, before[1]), "affine parameters train"
+    network.freeze_batchnorm = False
+    network.train()
+    assert bn.training
+
+
+def test_negative_seed_fails_the_first_stage_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("seed: -3\n")
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "stages" / "split.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "twophase: error: seed: -3 is not allowed; expected an integer in [0, 2**32)"
+    ]
