@@ -28,7 +28,7 @@ params = parse_params({{"device": "cpu", "data": {{"dataset": "imagefolder",
     "image_size": {size}}}, "model": {{"weights": "none"}},
     "features": {{"batch_size": 64, "num_workers": 0}}}})
 split = split_index(index_imagefolder(Path({root!r})), 0.2, 42)
-extract_features(params, split, Path({out!r}))
+extract_features(params, split, Path({out!r}) / "embeddings", Path({out!r}) / "activations")
 print(json.dumps({{"images": len(split),
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """

@@ -37,7 +37,16 @@ sys.path.insert(0, str(BENCH))
 from notebook import run_notebook  # noqa: E402
 from synth import make_imagefolder  # noqa: E402
 
-STAGES = ("download", "split", "features", "train_transfer", "finetune", "evaluate", "report")
+STAGES = (
+    "download",
+    "index",
+    "split",
+    "features",
+    "train_transfer",
+    "finetune",
+    "evaluate",
+    "report",
+)
 
 
 def copy_project(target: Path) -> None:

@@ -43,3 +43,22 @@ def test_code_deps_are_the_import_closure(name: str) -> None:
     assert declared == closure, (
         f"stage {name}: missing {sorted(closure - declared)}, extra {sorted(declared - closure)}"
     )
+
+
+def test_speed_only_params_are_no_stages_dependency() -> None:
+    from twophase.params import SPEED_ONLY_PARAMS
+
+    for name, stage in STAGES.items():
+        declared = set()
+        for entry in stage.get("params", []):
+            declared |= {entry} if isinstance(entry, str) else set(entry)
+        for key in SPEED_ONLY_PARAMS:
+            section = key.split(".")[0]
+            assert key not in declared and section not in declared, f"{name} depends on {key}"
+
+
+def test_the_users_data_folder_is_no_stages_output() -> None:
+    for name, stage in STAGES.items():
+        outs = {o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])}
+        assert not any(o == "${data.root}" or o.startswith("data/raw") for o in outs), name
+    assert "${data.root}" in declared_code_deps(STAGES["index"]) | set(STAGES["index"]["deps"])

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from tests.helpers import PROJECT
+from twophase.params import Params, read_yaml, to_dict
 
 pytestmark = pytest.mark.e2e
 
@@ -34,30 +36,56 @@ TRACKED_RESULTS = (
     "plots/finetune/history.csv",
     "plots/evaluate/predictions_finetune.csv",
 )
-STAGES = ("download", "split", "features", "train_transfer", "finetune", "evaluate", "report")
+STAGES = (
+    "download",
+    "index",
+    "split",
+    "features",
+    "train_transfer",
+    "finetune",
+    "evaluate",
+    "report",
+)
 
 
 def project_files() -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=PROJECT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    return [f for f in listed if (PROJECT / f).is_file()]
+    """The project as git sees it, with uncommitted edits, without the workspace's run outputs."""
+
+    def listed(*flags: str) -> list[str]:
+        done = subprocess.run(
+            ["git", "ls-files", *flags], cwd=PROJECT, check=True, capture_output=True, text=True
+        )
+        return done.stdout.split()
+
+    untracked = [
+        f
+        for f in listed("-o", "--exclude-standard")
+        if f != "dvc.lock" and not f.startswith(("metrics/", "plots/", "data/"))
+    ]
+    return [f for f in listed("-c") + untracked if (PROJECT / f).is_file()]
+
+
+def copy_project(repo: Path, overrides: dict) -> None:
+    """The project's files, with the reference params (not whatever the workspace applied)."""
+    for name in project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(to_dict(Params()), sort_keys=False))
+    set_params(repo / "params.yaml", overrides)
 
 
 def set_params(path: Path, overrides: dict) -> None:
-    import yaml
-
-    params = yaml.safe_load(path.read_text())
+    params = read_yaml(path.read_text())  # the project's loader: `1e-05` is a float
     for section, values in overrides.items():
-        params[section].update(values)
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(repo: Path, *args: str) -> str:
+def run(repo: Path, *args: str, check: bool = True) -> str:
+    """Run a command in `repo`; with `check`, it must succeed, else it must fail."""
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
@@ -66,8 +94,23 @@ def run(repo: Path, *args: str) -> str:
     }
     done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    assert (done.returncode == 0) == check, (
+        f"{' '.join(args)} exit {done.returncode}:\n{output[-4000:]}"
+    )
     return output
+
+
+def run_queue(repo: Path, timeout_s: float = 600) -> str:
+    """`dvc queue start` one worker, wait until nothing is queued or running; the final status."""
+    run(repo, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + timeout_s
+    status = ""
+    while time.monotonic() < deadline:
+        status = run(repo, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    return status
 
 
 def ran(output: str) -> set[str]:
@@ -77,10 +120,7 @@ def ran(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("project")
-    for name in project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT / name, repo / name)
-    set_params(repo / "params.yaml", TINY_DIGITS)
+    copy_project(repo, TINY_DIGITS)
     run(repo, "git", "init", "-q")
     run(repo, "git", "add", "-A")
     run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
@@ -105,7 +145,8 @@ def test_repro_writes_every_declared_output(repo: Path) -> None:
         "plots/curves/loss.png",
         "plots/evaluate/grid_finetune.png",
         "plots/evaluate/confusion_transfer.png",
-        "data/features/test_activations.npy",
+        "data/activations/test_activations.npy",
+        "data/embeddings/test_embeddings.npy",
     ):
         assert (repo / name).is_file(), name
     assert "![loss curves](curves/loss.png)" in (repo / "plots/report.md").read_text()
@@ -115,7 +156,7 @@ def test_repro_writes_every_declared_output(repo: Path) -> None:
 def test_changing_finetune_lr_reruns_only_finetune_and_below(repo: Path) -> None:
     output = run(repo, "dvc", "exp", "run", "-S", "finetune.lr=3e-5")
     assert ran(output) == {"finetune", "evaluate", "report"}
-    for stage in ("download", "split", "features", "train_transfer"):
+    for stage in ("download", "index", "split", "features", "train_transfer"):
         assert f"Stage '{stage}' didn't change, skipping" in output
 
 
@@ -127,7 +168,36 @@ def test_changing_transfer_lr_does_not_recompute_features(repo: Path) -> None:
 
 def test_changing_val_ratio_reruns_split_and_below(repo: Path) -> None:
     output = run(repo, "dvc", "exp", "run", "-S", "data.val_ratio=0.25")
-    assert ran(output) == set(STAGES) - {"download"}
+    assert ran(output) == set(STAGES) - {"download", "index"}
+
+
+def test_changing_unfreeze_recomputes_activations_but_not_phase_one(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    embeddings = (repo / "data/embeddings/train_embeddings.npy").read_bytes()
+    output = run(repo, "dvc", "exp", "run", "-S", "finetune.unfreeze=[layer3,layer4]")
+    assert ran(output) == {"features", "finetune", "evaluate", "report"}
+    assert "Stage 'train_transfer' didn't change, skipping" in output
+    assert (repo / "data/embeddings/train_embeddings.npy").read_bytes() == embeddings
+    assert json.loads((repo / "data/activations/meta.json").read_text())["cut"] == "layer3"
+
+
+def test_speed_only_params_rerun_nothing(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    output = run(repo, "dvc", "exp", "run", "-S", "features.num_workers=1")
+    assert ran(output) == set(), output
+
+
+def test_phase_two_history_starts_with_its_validated_starting_weights(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    phase1 = (repo / "plots/train_transfer/history.csv").read_text().splitlines()
+    phase2 = (repo / "plots/finetune/history.csv").read_text().splitlines()
+    assert phase2[1].split(",")[0] == phase1[-1].split(",")[0], "epoch 0 of phase 2"
+    summary = json.loads((repo / "metrics/finetune.json").read_text())
+    transfer = json.loads((repo / "metrics/train_transfer.json").read_text())
+    assert summary["best_val_loss"] <= transfer["best_val_loss"] + 1e-6
+    assert isinstance(summary["kept_phase1_weights"], bool)
 
 
 def test_metrics_and_plots_show_both_phases(repo: Path) -> None:
@@ -211,13 +281,7 @@ def test_queued_sweep_runs_through_dvc_queue(repo: Path) -> None:
     run(repo, "git", "checkout", "-q", "--", ".")
     run(repo, "dvc", "checkout", "-q")
     run(repo, "dvc", "exp", "run", "--queue", "-S", "finetune.lr=1e-4,3e-4")
-    run(repo, "dvc", "queue", "start", "-j", "1")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run(repo, "dvc", "queue", "status")
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(2)
+    status = run_queue(repo)
     assert status.count("Success") == 2, status
     table = run(repo, "dvc", "exp", "show", "--csv")
     rows = [line for line in table.splitlines() if ",0.0001," in line or ",0.0003," in line]
@@ -228,7 +292,7 @@ def test_exp_show_view_is_short(repo: Path) -> None:
     output = run(repo, "make", "-s", "exp-show", f"BIN={Path(sys.executable).parent}")
     for column in ("Experiment", "finetune.lr", "transfer.accuracy", "finetune.f1_macro"):
         assert column in output, column
-    for noise in ("data/features", "best_val_loss", "precision_macro", "wall_seconds"):
+    for noise in ("data/embeddings", "best_val_loss", "precision_macro", "wall_seconds"):
         assert noise not in output, noise
 
 

@@ -43,6 +43,8 @@ ARCHS = (
 BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BATCHNORM_MODES = ("frozen", "train")
+# Params that change how fast a stage runs, never what it writes: no stage depends on them.
+SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers")
 
 
 class ParamsError(TwophaseError, ValueError):

@@ -14,7 +14,7 @@ import pandas as pd
 
 from twophase.io import atomic_path, read_json
 from twophase.metrics import HEADLINE, top_confusions
-from twophase.params import Params, flatten, to_dict
+from twophase.params import SPEED_ONLY_PARAMS, Params, flatten, to_dict
 from twophase.plots import PHASE_TITLES, plot_curves
 
 PHASE_STAGES = {"transfer": "train_transfer", "finetune": "finetune"}
@@ -119,7 +119,7 @@ def _params_diff(current: Mapping[str, Any], defaults: Mapping[str, Any]) -> str
     rows = [
         [f"`{key}`", f"`{now[key]}`", f"`{before.get(key)}`"]
         for key in now
-        if now[key] != before.get(key)
+        if now[key] != before.get(key) and key not in SPEED_ONLY_PARAMS
     ]
     if not rows:
         return "None: this run used the default params."
