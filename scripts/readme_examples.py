@@ -45,8 +45,8 @@ def main() -> None:
     readme = (PROJECT / "README.md").read_text(encoding="utf-8")
     for key, text in examples.items():
         text = "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
-        pattern = re.compile(rf"(<!-- example:{key} -->\n```\n).*?(\n```\n<!-- /example -->)", re.S)
-        readme, found = pattern.subn(lambda m, t=text: m.group(1) + t + m.group(2), readme)
+        pattern = re.compile(rf"(<!-- example:{key} -->\n```\n).*?(```\n<!-- /example -->)", re.S)
+        readme, found = pattern.subn(lambda m, t=text: m.group(1) + t + "\n" + m.group(2), readme)
         if not found:
             raise SystemExit(f"README.md has no <!-- example:{key} --> block")
     (PROJECT / "README.md").write_text(readme, encoding="utf-8")
