@@ -23,6 +23,7 @@ import pandas as pd
 
 from twophase.decode import unreadable_reason
 from twophase.errors import TwophaseError
+from twophase.io import atomic_path
 
 INDEX_COLUMNS = ["path", "label", "class_name", "split"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -274,7 +275,8 @@ def export_digits(folder: Path) -> Path:
             path = folder / split / str(digits.target[i]) / f"{i:04d}.png"
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i]).save(path)
+                with atomic_path(path) as tmp:  # a killed export leaves no half-written PNG
+                    Image.fromarray(images[i]).save(tmp, format="PNG")
     return folder
 
 
