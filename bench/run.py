@@ -120,16 +120,17 @@ def floors(repo: Path, args: argparse.Namespace) -> dict[str, float]:
     """The least work each phase must do, timed in-process, without DVC or stage start-up."""
     import pandas as pd
 
+    from twophase.backbones import Tail, set_trainable
     from twophase.batches import BatchOrder, array_batches
     from twophase.features import FrozenTrunk
     from twophase.images import ImageDataset, image_batches
-    from twophase.model import Network, Preprocessing, backbone_blocks, build_backbone, build_head
+    from twophase.model import Preprocessing, build_head, build_model, check_arch
     from twophase.train import run_epoch
 
     split = pd.read_csv(repo / "data/split.csv")
-    backbone = build_backbone("resnet18", "none")
+    family = check_arch("resnet18")
     # the floors get the layout measured fastest here (channels-last), like the pipeline
-    trunk = FrozenTrunk(backbone_blocks(backbone), "layer4").eval()
+    trunk = FrozenTrunk(build_model("resnet18", "none", args.image_size), family, "layer4").eval()
     trunk.to(memory_format=torch.channels_last)
     dataset = ImageDataset(
         split["path"].tolist(), split["label"].tolist(), args.image_size, Preprocessing()
@@ -144,8 +145,10 @@ def floors(repo: Path, args: argparse.Namespace) -> dict[str, float]:
     train = split[split["subset"] == "train"]
     shape = (len(train), 256, args.image_size // 16, args.image_size // 16)
     activations = torch.randn(shape).numpy()
-    head = build_head(512, [256], 0.3, int(split["label"].nunique()))
-    tail = Network(dict(layer4=backbone.layer4), head)  # type: ignore[arg-type]
+    model = build_model("resnet18", "none", args.image_size)
+    model.fc = build_head(512, [256], 0.3, int(split["label"].nunique()))
+    tail = Tail(model, family, "layer4")
+    set_trainable(model, tail)
     tail.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([p for p in tail.parameters() if p.requires_grad], lr=1e-5)
     labels = train["label"].to_numpy()

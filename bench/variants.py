@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,17 +18,12 @@ sys.path.insert(0, str(BENCH))
 
 from synth import make_imagefolder  # noqa: E402
 
+from twophase.backbones import Tail, set_trainable  # noqa: E402
 from twophase.batches import BatchOrder  # noqa: E402
 from twophase.decode import load_rgb  # noqa: E402
 from twophase.features import FrozenTrunk  # noqa: E402
 from twophase.images import ImageDataset, eval_transform, image_batches  # noqa: E402
-from twophase.model import (  # noqa: E402
-    Network,
-    Preprocessing,
-    backbone_blocks,
-    build_backbone,
-    build_head,
-)
+from twophase.model import Preprocessing, build_head, build_model, check_arch  # noqa: E402
 
 
 def rate(name: str, images: int, fn: Callable[[], object], repeats: int = 3) -> None:
@@ -58,7 +52,8 @@ def main() -> None:
         repeats=1,
     )
 
-    trunk = FrozenTrunk(backbone_blocks(build_backbone("resnet18", "none")), "layer4").eval()
+    family = check_arch("resnet18")
+    trunk = FrozenTrunk(build_model("resnet18", "none", 224), family, "layer4").eval()
     x = torch.randn(64, 3, 224, 224)
     with torch.inference_mode():
         rate("trunk forward fp32 NCHW", 64, lambda: trunk(x))
@@ -84,9 +79,11 @@ def main() -> None:
                 repeats=1,
             )
 
-    layer4 = build_backbone("resnet18", "none").layer4
-    net = Network(OrderedDict(layer4=layer4), build_head(512, [256], 0.3, 37))
-    optimizer = torch.optim.Adam(net.parameters(), 1e-5)
+    model = build_model("resnet18", "none", 224)
+    model.fc = build_head(512, [256], 0.3, 37)
+    net = Tail(model, family, "layer4")
+    set_trainable(model, net)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-5)
     acts, labels = torch.randn(128, 256, 14, 14), torch.randint(0, 37, (128,))
 
     def step(inputs: torch.Tensor) -> None:

@@ -16,9 +16,11 @@ ACTIVATIONS = Path("data/activations")
 
 def main() -> None:
     params = load_params()
-    extract_features(params, read_index(SPLIT), EMBEDDINGS, ACTIVATIONS)
+    meta = extract_features(params, read_index(SPLIT), EMBEDDINGS, ACTIVATIONS)
     print(f"cached the pooled embeddings -> {EMBEDDINGS}")
-    print(f"cached the input of {params.cut_block} -> {ACTIVATIONS}")
+    print(
+        f"cached the input of {meta['cut'] or 'the network (every block trains)'} -> {ACTIVATIONS}"
+    )
 
 
 if __name__ == "__main__":

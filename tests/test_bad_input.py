@@ -91,8 +91,8 @@ def test_arbitrary_text_files(tmp_path_factory: pytest.TempPathFactory, text: st
 
 def test_mutated_project_params_file(tmp_path: Path) -> None:
     raw = read_yaml((Path(__file__).parents[1] / "params.yaml").read_text())
-    raw["finetune"]["unfreeze"] = ["layer2"]
-    with pytest.raises(ParamsError, match=r"^finetune.unfreeze: \['layer2'\]"):
+    raw["finetune"]["unfreeze"] = ["layer4", "all"]
+    with pytest.raises(ParamsError, match=r"^finetune.unfreeze: \['layer4', 'all'\]"):
         parse_params(raw)
 
 

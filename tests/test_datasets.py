@@ -22,7 +22,7 @@ from twophase.datasets import (
     fetch_dataset,
     fetch_weights,
 )
-from twophase.model import WeightsError, build_backbone, weights_enum
+from twophase.model import WeightsError, build_model, weights_enum
 
 
 def md5(path: Path) -> str:
@@ -294,7 +294,7 @@ def test_weights_copied_into_the_hub_cache_load_offline(torch_home: Path) -> Non
     (torch_home / "checkpoints").mkdir(parents=True)
     torch.save(state, torch_home / "checkpoints" / "resnet18-f37072fd.pth")
     assert "IMAGENET1K_V1" in fetch_weights("resnet18", "IMAGENET1K_V1")
-    backbone = build_backbone("resnet18", "IMAGENET1K_V1")
+    backbone = build_model("resnet18", "IMAGENET1K_V1", 224)
     assert torch.equal(backbone.state_dict()["conv1.weight"], state["conv1.weight"])
 
 
@@ -302,15 +302,15 @@ def test_local_state_dict_file(tmp_path: Path) -> None:
     torch.manual_seed(1)
     state = torchvision.models.resnet18().state_dict()
     torch.save({"state_dict": state}, tmp_path / "mine.pt")
-    backbone = build_backbone("resnet18", str(tmp_path / "mine.pt"))
+    backbone = build_model("resnet18", str(tmp_path / "mine.pt"), 224)
     assert torch.equal(
         backbone.state_dict()["layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"]
     )
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="does not fit resnet18"):
-        build_backbone("resnet18", str(tmp_path / "other.pt"))
+        build_model("resnet18", str(tmp_path / "other.pt"), 224)
     with pytest.raises(WeightsError, match="does not exist"):
-        build_backbone("resnet18", str(tmp_path / "absent.pt"))
+        build_model("resnet18", str(tmp_path / "absent.pt"), 224)
 
 
 def test_unknown_weights_name_lists_the_valid_ones() -> None:

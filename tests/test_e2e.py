@@ -348,3 +348,36 @@ def test_metrics_diff_between_phases(repo: Path) -> None:
     assert evaluation["finetune"] == evaluation["transfer"]
     diff = run(repo, "dvc", "metrics", "diff", "phase1-only", "HEAD", "--md")
     assert "finetune.accuracy" in diff and "transfer.accuracy" not in diff
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "regnet_y_400mf",
+        "convnext_tiny",
+        "efficientnet_b0",
+        "mobilenet_v3_small",
+        "vit_b_16",
+        "swin_t",
+    ],
+)
+def test_every_family_runs_the_whole_dag_in_a_temp_experiment(repo: Path, arch: str) -> None:
+    """resnet18 is the module's own run; `finetune.unfreeze: 1` fits every family."""
+    name = f"arch-{arch.replace('_', '-')}"
+    output = run(
+        repo,
+        "dvc",
+        "exp",
+        "run",
+        "--temp",
+        "-n",
+        name,
+        "-S",
+        f"model.arch={arch}",
+        "-S",
+        "data.image_size=32",
+    )
+    assert {"features", "train_transfer", "finetune", "evaluate"} <= ran(output), output[-2000:]
+    table = run(repo, "dvc", "exp", "show", "--csv", "--keep", "finetune.accuracy")
+    row = next(line for line in table.splitlines() if line.startswith(f"{name},"))
+    assert re.search(r",0\.\d+", row), row

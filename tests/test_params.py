@@ -16,7 +16,7 @@ def test_defaults_are_the_reference_experiment() -> None:
     assert params.data.dataset == "oxford_iiit_pet"
     assert params.model.dense_units == (256,)
     assert params.train_transfer.lr == pytest.approx(1e-4)
-    assert params.finetune.unfreeze == ("layer4",)
+    assert params.finetune.unfreeze == ("1",)  # layer4 of a ResNet
 
 
 def test_dvc_exp_run_spelling_of_small_floats_reads_as_float(tmp_path: Path) -> None:
@@ -59,12 +59,13 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
         ({"finetune": {"lr": 0}}, r"finetune.lr: 0.0 is not allowed; expected a number > 0"),
         ({"train_transfer": {"batch_size": 0}}, r"train_transfer.batch_size: 0"),
         ({"train_transfer": {"patience": 0}}, r"train_transfer.patience: 0"),
-        ({"finetune": {"unfreeze": ["layer9"]}}, r"finetune.unfreeze: 'layer9'"),
-        ({"finetune": {"unfreeze": ["layer3"]}}, r"finetune.unfreeze: \['layer3'\].*last blocks"),
+        ({"finetune": {"unfreeze": ["all", "layer4"]}}, r"finetune.unfreeze: \['all', 'layer4'\]"),
+        ({"finetune": {"unfreeze": [0]}}, r"finetune.unfreeze: 0 is not allowed; expected an int"),
+        ({"features": {"dtype": "int8"}}, r"features.dtype: 'int8' is not allowed; expected one"),
         ({"model": {"dense_units": []}}, r"model.dense_units: \[\]"),
         ({"model": {"dense_units": [0]}}, r"model.dense_units: \[0\]"),
         ({"model": {"dropout": 1.0}}, r"model.dropout: 1.0"),
-        ({"model": {"arch": "vgg16"}}, r"model.arch: 'vgg16'"),
+        ({"model": {"arch": "res net"}}, r"model.arch: 'res net'"),
         ({"train_transfer": {"epochs": "ten"}}, r"train_transfer.epochs: expected an integer"),
         ({"finetune": {"lr": True}}, r"finetune.lr: expected a number"),
         ({"device": "tpu"}, r"device: 'tpu'"),

@@ -11,10 +11,9 @@ import torch
 from tests.helpers import make_imagefolder
 from twophase import features
 from twophase.batches import array_batches
-from twophase.checkpoint import load_checkpoint
+from twophase.checkpoint import cached_input_model, load_checkpoint
 from twophase.datasets import build_index
 from twophase.evaluation import evaluate
-from twophase.model import tail_of
 from twophase.params import Params, parse_params
 from twophase.phases import finetune, train_transfer
 from twophase.split import split_index
@@ -28,7 +27,7 @@ def tiny_params(**overrides: dict) -> Params:
         "device": "cpu",
         "data": {"dataset": "imagefolder", "image_size": 32, "val_ratio": 0.25},
         "model": {"weights": "none", "dense_units": [16]},
-        "features": {"batch_size": 8, "num_workers": 0},
+        "features": {"batch_size": 8, "num_workers": 0, "dtype": "float32"},
         "train_transfer": {"lr": 0.01, "epochs": 6, "batch_size": 8},
         "finetune": {"lr": 0.001, "epochs": 2, "batch_size": 8},
     }
@@ -78,7 +77,7 @@ def test_checkpoint_holds_the_best_epoch_and_runs_are_identical(workdir: Path) -
     for key, value in network.state_dict().items():
         assert torch.equal(value, other.state_dict()[key]), key
     val = features.load_embeddings(workdir / "embeddings", "val")
-    loss, _ = run_epoch(tail_of(network, None), array_batches(*val, 8), CPU)
+    loss, _ = run_epoch(cached_input_model(network, meta), array_batches(*val, 8), CPU)
     assert loss == pytest.approx(first.best_val_loss, abs=1e-5)
     assert meta["best_epoch"] == first.best_epoch
 
@@ -93,10 +92,11 @@ def test_finetune_continues_from_phase_one_and_evaluate_scores_both(workdir: Pat
     assert second.history[0].val_loss == pytest.approx(first.best_val_loss, abs=1e-5)
     assert second.history[1].epoch == first.history[-1].epoch + 1
     network, meta = load_checkpoint(workdir / "f.pt")
-    assert meta["frozen"] == ["stem", "layer1", "layer2", "layer3"]
+    assert meta["cut"] == "layer4" and meta["reads"] == "activations"
     phase1, _ = load_checkpoint(workdir / "t.pt")
-    for name in ("stem", "layer3"):
-        block_a, block_b = network.blocks[name].state_dict(), phase1.blocks[name].state_dict()
+    for name in ("conv1", "layer1", "layer3"):
+        block_a = network.get_submodule(name).state_dict()
+        block_b = phase1.get_submodule(name).state_dict()
         assert all(torch.equal(block_a[k], block_b[k]) for k in block_a), name
     import pandas as pd
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -12,11 +11,11 @@ from torch import nn
 
 from tests.helpers import make_imagefolder
 from twophase import features
+from twophase.backbones import Tail, family_of, set_trainable
 from twophase.batches import ArrayBatches, BatchOrder, array_batches
 from twophase.features import FrozenTrunk, extract
 from twophase.images import ImageDataset, image_batches
-from twophase.model import Network, Preprocessing, build_head, full_network, tail_of
-from twophase.params import BLOCKS
+from twophase.model import Preprocessing, build_head, build_model, classifier_in_features
 from twophase.train import NonFiniteLossError, fit, run_epoch
 
 CPU = torch.device("cpu")
@@ -42,7 +41,7 @@ def test_every_linear_of_the_head_trains() -> None:
     before = copy.deepcopy(head.state_dict())
     x, y = separable_embeddings(64)
     fit(
-        Network(OrderedDict(), head),
+        head,
         array_batches(x, y, 16, True),
         array_batches(x, y, 64),
         lr=1e-2,
@@ -67,33 +66,60 @@ def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], li
     return paths, labels
 
 
-def tiny_network(classes: int = 3, dropout: float = 0.3) -> Network:
+def tiny_network(
+    classes: int = 3, dropout: float = 0.3, first: str | None = "layer4", arch: str = "resnet18"
+) -> Tail:
+    """A torchvision model with an MLP head; the blocks from `first` on (and the head) train."""
     torch.manual_seed(0)
-    return full_network("resnet18", "none", [16], dropout, classes, frozen=BLOCKS[:4])
+    model = build_model(arch, "none", 32)
+    family = family_of(arch)
+    width = classifier_in_features(model, family)
+    model.set_submodule(family.classifier, build_head(width, [16], dropout, classes))
+    tail = Tail(model, family, first)
+    set_trainable(model, tail)
+    return tail
+
+
+class Streamed(nn.Module):
+    """The whole model on images, its frozen part in eval mode: what the cache replaces."""
+
+    def __init__(self, tail: Tail) -> None:
+        super().__init__()
+        self.tail = tail
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tail.model(images)  # type: ignore[no-any-return]
+
+    def train(self, mode: bool = True) -> Streamed:
+        self.tail.train(mode)
+        self.training = mode
+        return self
+
+
+FROZEN = ("conv1", "bn1", "layer1", "layer2", "layer3")
 
 
 def test_frozen_part_gets_no_gradient_and_its_batchnorm_stays_in_eval_mode(tiny_images) -> None:
     paths, labels = tiny_images
-    network = tiny_network()
-    frozen_before = {n: copy.deepcopy(network.blocks[n].state_dict()) for n in BLOCKS[:4]}
-    layer4_before = copy.deepcopy(network.blocks["layer4"].state_dict())
+    tail = tiny_network()
+    model = tail.model
+    frozen_before = {n: copy.deepcopy(model.get_submodule(n).state_dict()) for n in FROZEN}
+    layer4_before = copy.deepcopy(model.layer4.state_dict())
     data = ImageDataset(paths, labels, 32, Preprocessing())
     batches = image_batches(data, BatchOrder(len(data), 6, shuffle=True))
-    fit(network, batches, batches, lr=1e-2, epochs=2, patience=5, device=CPU)
+    fit(Streamed(tail), batches, batches, lr=1e-2, epochs=2, patience=5, device=CPU)
 
-    network.train()
-    for name in BLOCKS[:4]:
-        block = network.blocks[name]
+    tail.train()
+    for name in FROZEN:
+        block = model.get_submodule(name)
         assert not any(m.training for m in block.modules()), f"{name} left eval mode"
         for key, value in block.state_dict().items():
             # running_mean / running_var / num_batches_tracked included
             assert torch.equal(value, frozen_before[name][key]), f"{name}.{key} changed"
         assert all(p.grad is None and not p.requires_grad for p in block.parameters())
-    assert network.blocks["layer4"].training
+    assert model.layer4.training
     changed = [
-        k
-        for k, v in network.blocks["layer4"].state_dict().items()
-        if not torch.equal(v, layer4_before[k])
+        k for k, v in model.layer4.state_dict().items() if not torch.equal(v, layer4_before[k])
     ]
     assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
 
@@ -101,8 +127,7 @@ def test_frozen_part_gets_no_gradient_and_its_batchnorm_stays_in_eval_mode(tiny_
 @pytest.mark.parametrize("patience", [2, 100])
 def test_early_stopping_restores_the_best_epoch_weights(patience: int) -> None:
     torch.manual_seed(0)
-    head = build_head(8, [64], dropout=0.0, num_classes=3)
-    model = Network(OrderedDict(), head)
+    model = build_head(8, [64], dropout=0.0, num_classes=3)
     x, y = noise_embeddings(96, seed=1)
     vx, vy = noise_embeddings(96, seed=2)
     val = array_batches(vx, vy, 32)
@@ -119,7 +144,7 @@ def test_early_stopping_restores_the_best_epoch_weights(patience: int) -> None:
 
 def test_a_nan_loss_stops_training_naming_epoch_and_lr() -> None:
     torch.manual_seed(0)
-    model = Network(OrderedDict(), build_head(8, [16], 0.0, 3))
+    model = build_head(8, [16], 0.0, 3)
     x, y = separable_embeddings(64)
     x[5, 0] = np.inf
     with pytest.raises(NonFiniteLossError, match=r"epoch 1 with lr=0.1"):
@@ -136,7 +161,7 @@ def test_a_nan_loss_stops_training_naming_epoch_and_lr() -> None:
 
 def test_a_huge_learning_rate_stops_with_a_clear_error() -> None:
     torch.manual_seed(0)
-    model = Network(OrderedDict(), build_head(8, [16], 0.0, 3))
+    model = build_head(8, [16], 0.0, 3)
     x, y = separable_embeddings(64)
     with pytest.raises(
         NonFiniteLossError, match=r"loss became (nan|inf) in epoch \d+ with lr=1e\+30"
@@ -155,7 +180,7 @@ def test_a_huge_learning_rate_stops_with_a_clear_error() -> None:
 def test_same_seed_gives_identical_training() -> None:
     def run() -> list:
         torch.manual_seed(7)
-        model = Network(OrderedDict(), build_head(8, [16], 0.3, 3))
+        model = build_head(8, [16], 0.3, 3)
         x, y = separable_embeddings(64)
         result = fit(
             model,
@@ -179,7 +204,7 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
     data = ImageDataset(paths, labels, 32, Preprocessing())
 
     cache = tmp_path / "activations"
-    trunk = FrozenTrunk(cached_net.blocks, "layer4")
+    trunk = FrozenTrunk(copy.deepcopy(cached_net.model), cached_net.family, "layer4")
     extract(
         trunk,
         {"train": (paths, labels)},
@@ -196,7 +221,7 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
 
     torch.manual_seed(3)
     streamed = fit(
-        streamed_net,
+        Streamed(streamed_net),
         image_batches(data, BatchOrder(len(data), 6, True, seed=3)),
         image_batches(data, BatchOrder(len(data), 6, False)),
         lr=1e-3,
@@ -206,7 +231,7 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
     )
     torch.manual_seed(3)
     cached = fit(
-        tail_of(cached_net, "layer4"),
+        cached_net,
         ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, True, seed=3), nhwc=True),
         ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, False), nhwc=True),
         lr=1e-3,

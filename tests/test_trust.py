@@ -19,7 +19,7 @@ from twophase.batches import array_batches
 from twophase.datasets import DatasetError, build_index
 from twophase.features import FeatureCacheError, check_free_space
 from twophase.io import write_json
-from twophase.model import WeightsError, build_backbone
+from twophase.model import WeightsError, build_model
 from twophase.params import ParamsError, parse_params
 from twophase.stage import run_stage
 from twophase.train import fit
@@ -38,7 +38,7 @@ def test_weights_with_the_right_names_but_wrong_shapes(tmp_path: Path) -> None:
     state["layer4.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
     torch.save(state, tmp_path / "odd.pt")
     with pytest.raises(WeightsError, match=r"does not fit resnet18 \(.*layer4.0.conv1.weight"):
-        build_backbone("resnet18", str(tmp_path / "odd.pt"))
+        build_model("resnet18", str(tmp_path / "odd.pt"), 224)
 
 
 @pytest.mark.parametrize(
@@ -49,14 +49,14 @@ def test_weights_with_the_right_names_but_wrong_shapes(tmp_path: Path) -> None:
 def test_corrupt_weights_file_is_one_line(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "bad.pt").write_bytes(content)
     with pytest.raises(WeightsError, match="is not a PyTorch weights file") as caught:
-        build_backbone("resnet18", str(tmp_path / "bad.pt"))
+        build_model("resnet18", str(tmp_path / "bad.pt"), 224)
     assert "\n" not in str(caught.value)
 
 
 def test_weights_file_without_a_state_dict(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "meta.pt")
     with pytest.raises(WeightsError, match="holds no state dict"):
-        build_backbone("resnet18", str(tmp_path / "meta.pt"))
+        build_model("resnet18", str(tmp_path / "meta.pt"), 224)
 
 
 def _stage_exit(main, capsys: pytest.CaptureFixture[str], **kwargs) -> tuple[int, str]:
@@ -108,17 +108,16 @@ def test_feature_cache_cut_elsewhere_is_one_line(tmp_path: Path) -> None:
 
 
 def _tiny_checkpoint() -> dict:
-    from twophase.model import full_network
+    from twophase.checkpoint import build_network
 
-    network = full_network("resnet18", "none", [4], 0.0, 2)
-    return {
-        "model": network.state_dict(),
+    checkpoint = {
         "arch": "resnet18",
-        "dense_units": [4],
-        "dropout": 0.0,
+        "model_kwargs": {},
+        "classifier": "fc",
+        "head": {"in_features": 512, "dense_units": [4], "dropout": 0.0, "num_classes": 2},
         "class_names": ["a", "b"],
-        "frozen": list(network.frozen),
     }
+    return {**checkpoint, "state_dict": build_network(checkpoint).state_dict()}
 
 
 def test_corrupt_image_inside_a_torchvision_dataset_is_skipped_with_a_warning(
@@ -175,22 +174,20 @@ def test_phase_two_that_only_gets_worse_hands_back_its_starting_weights() -> Non
 
 
 def test_frozen_batchnorm_keeps_running_statistics_while_affine_parameters_train() -> None:
-    torch.manual_seed(0)
-    network = tiny_network(dropout=0.0)
-    network.set_frozen(("stem", "layer1", "layer2", "layer3"))
-    network.freeze_batchnorm = True
-    bn = network.blocks["layer4"][0].bn1
+    tail = tiny_network(dropout=0.0)
+    tail.freeze_batchnorm = True
+    bn = tail.model.layer4[0].bn1
     before = bn.running_mean.clone(), bn.weight.detach().clone()
-    network.train()
+    tail.train()
     assert not bn.training
-    optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=0.1)
-    loss = network(torch.randn(4, 3, 32, 32)).sum()
+    optimizer = torch.optim.SGD([p for p in tail.parameters() if p.requires_grad], lr=0.1)
+    loss = tail(torch.randn(4, 256, 2, 2)).sum()
     loss.backward()
     optimizer.step()
     assert torch.equal(bn.running_mean, before[0]), "statistics fixed"
     assert not torch.equal(bn.weight, before[1]), "affine parameters train"
-    network.freeze_batchnorm = False
-    network.train()
+    tail.freeze_batchnorm = False
+    tail.train()
     assert bn.training
 
 

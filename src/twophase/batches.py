@@ -28,6 +28,14 @@ class BatchOrder:
         return -(-self.size // self.batch_size)
 
 
+def as_float_tensor(array: np.ndarray) -> torch.Tensor:
+    """A cached batch as float32: float16 widened, uint16 read as bfloat16 bits (features.py)."""
+    tensor = torch.from_numpy(array)
+    if array.dtype == np.uint16:
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return tensor.float()
+
+
 class ArrayBatches:
     """(inputs, labels) batches from in-memory or memory-mapped arrays, re-iterable per epoch.
 
@@ -42,7 +50,7 @@ class ArrayBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in self.order:
-            inputs = torch.from_numpy(np.asarray(self.inputs[idx]))
+            inputs = as_float_tensor(np.asarray(self.inputs[idx]))
             if self.nhwc:  # stored channels-last: an NCHW view in channels_last layout, no copy
                 inputs = inputs.permute(0, 3, 1, 2)
             yield inputs, torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64))

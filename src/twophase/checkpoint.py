@@ -1,42 +1,57 @@
-"""Checkpoints: a dict with the whole network's weights and everything needed to rebuild it."""
+"""Checkpoints: a dict with the whole network's weights under torchvision's own keys, and
+everything needed to rebuild it, with or without twophase (README: "Load a checkpoint").
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from twophase.backbones import Tail, family_of
 from twophase.io import atomic_path
-from twophase.model import Network, Preprocessing, full_network
+from twophase.model import build_head
 from twophase.params import Params, to_dict
 from twophase.train import FitResult
 
 
 def save_checkpoint(
     state: dict[str, torch.Tensor],
-    frozen: tuple[str, ...],
     path: Path,
     *,
     phase: str,
     params: Params,
-    class_names: list[str],
-    prep: Preprocessing,
+    features_meta: dict[str, Any],
+    reads: str,
+    cut: str | None,
     result: FitResult,
     last_epoch: int,
 ) -> None:
-    """`state` is a whole `Network` state dict (backbone blocks and head)."""
+    """`state` is the whole model's state dict, the head under the classifier's name.
+
+    `reads` says what the checkpoint's trained part takes as input when scored on the cache:
+    "embeddings" (phase 1: the head alone) or "activations" (phase 2: from block `cut` on).
+    """
+    arch = features_meta["arch"]
     checkpoint = {
         "phase": phase,
-        "model": state,
-        "frozen": list(frozen),
-        "arch": params.model.arch,
-        "dense_units": list(params.model.dense_units),
-        "dropout": params.model.dropout,
-        "image_size": params.data.image_size,
-        "preprocessing": asdict(prep),
-        "class_names": class_names,
+        "state_dict": state,
+        "arch": arch,
+        "model_kwargs": features_meta["model_kwargs"],
+        "classifier": family_of(arch).classifier,
+        "head": {
+            "in_features": features_meta["embedding_dim"],
+            "dense_units": list(params.model.dense_units),
+            "dropout": params.model.dropout,
+            "num_classes": len(features_meta["class_names"]),
+        },
+        "reads": reads,
+        "cut": cut,
+        "image_size": features_meta["image_size"],
+        "preprocessing": features_meta["preprocessing"],
+        "class_names": features_meta["class_names"],
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "best_val_acc": result.best_val_acc,
@@ -47,21 +62,31 @@ def save_checkpoint(
         torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(path: Path) -> tuple[Network, dict[str, Any]]:
+def build_network(checkpoint: dict[str, Any]) -> nn.Module:
+    """The checkpoint's torchvision model, untrained, with its classifier replaced by the head."""
+    import torchvision
+
+    model: nn.Module = torchvision.models.get_model(
+        checkpoint["arch"], weights=None, **checkpoint["model_kwargs"]
+    )
+    spec = checkpoint["head"]
+    head = build_head(
+        spec["in_features"], spec["dense_units"], spec["dropout"], spec["num_classes"]
+    )
+    model.set_submodule(checkpoint["classifier"], head)
+    return model
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """A saved network, ready for inference or more training, and its metadata."""
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    network = full_network(
-        checkpoint["arch"],
-        "none",
-        checkpoint["dense_units"],
-        checkpoint["dropout"],
-        len(checkpoint["class_names"]),
-        frozen=tuple(checkpoint["frozen"]),
-    )
-    network.load_state_dict(checkpoint["model"])
-    return network, checkpoint
+    model = build_network(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model, checkpoint
 
 
-def first_trainable_block(checkpoint: dict[str, Any], network: Network) -> str | None:
-    """Where the checkpoint's frozen part ends (None: every block is frozen)."""
-    return next((name for name in network.blocks if name not in checkpoint["frozen"]), None)
+def cached_input_model(model: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
+    """The part of `model` that scores the cached input the checkpoint reads."""
+    if checkpoint["reads"] == "embeddings":
+        return model.get_submodule(checkpoint["classifier"])
+    return Tail(model, family_of(checkpoint["arch"]), checkpoint["cut"])

@@ -10,10 +10,9 @@ import pandas as pd
 
 from twophase import features
 from twophase.batches import array_batches
-from twophase.checkpoint import first_trainable_block, load_checkpoint
+from twophase.checkpoint import cached_input_model, load_checkpoint
 from twophase.io import write_csv, write_json
 from twophase.metrics import confusion, score, side_by_side
-from twophase.model import tail_of
 from twophase.params import Params
 from twophase.plots import PHASE_TITLES, plot_confusion, plot_prediction_grid
 from twophase.runtime import autocast_dtype, resolve_device
@@ -36,6 +35,7 @@ def evaluate(
     amp = autocast_dtype(device, params.precision)
     test_embeddings, test_labels = features.load_embeddings(embeddings_dir, "test")
     test_activations, _ = features.load_activations(activations_dir, "test")
+    activations_meta = features.load_meta(activations_dir)
     test_rows = split[split["subset"] == "test"].reset_index(drop=True)
     rng = np.random.default_rng(params.seed)
     grid_rows = np.sort(rng.choice(len(test_rows), min(GRID_IMAGES, len(test_rows)), replace=False))
@@ -44,11 +44,12 @@ def evaluate(
     for phase, checkpoint_path in checkpoints.items():
         network, checkpoint = load_checkpoint(checkpoint_path)
         names: list[str] = checkpoint["class_names"]
-        first = first_trainable_block(checkpoint, network)
-        inputs = test_embeddings if first is None else test_activations
+        reads_activations = checkpoint["reads"] == "activations"
+        inputs = test_activations if reads_activations else test_embeddings
+        nhwc = reads_activations and activations_meta["layout"] == "nchw"
         probs, labels = predict(
-            tail_of(network, first),
-            array_batches(inputs, test_labels, params.finetune.batch_size, nhwc=first is not None),
+            cached_input_model(network, checkpoint),
+            array_batches(inputs, test_labels, params.finetune.batch_size, nhwc=nhwc),
             device,
             amp,
         )

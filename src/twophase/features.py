@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -27,18 +26,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from twophase.backbones import Family, Layout, block_names
 from twophase.batches import BatchOrder
 from twophase.errors import TwophaseError
 from twophase.images import ImageDataset, image_batches
 from twophase.io import atomic_path, read_json, write_json
 from twophase.model import (
     Preprocessing,
-    backbone_blocks,
-    build_backbone,
-    embedding_dim,
+    build_model,
+    check_arch,
+    classifier_in_features,
+    model_kwargs,
     preprocessing,
+    resolve_cut,
 )
-from twophase.params import Params
+from twophase.params import Params, ParamsError
 from twophase.runtime import autocast, autocast_dtype, resolve_device, seed_everything
 
 SUBSETS = ("train", "val", "test")
@@ -46,20 +48,33 @@ BACKBONE = "backbone.pt"
 
 
 class FrozenTrunk(nn.Module):
-    """Blocks before the cut give the activations; the rest, pooled, give the embedding."""
+    """The whole model up to its classifier, in eval mode: one pass gives both cached inputs.
 
-    def __init__(self, blocks: OrderedDict[str, nn.Module], cut: str) -> None:
+    The embedding is what reaches the classifier; the activation is what enters block `cut`
+    (caught by a forward pre-hook), or the image itself when every block trains (`cut=None`).
+    Activations come out in their storage layout: feature maps channels-last (N, H, W, C).
+    """
+
+    def __init__(self, model: nn.Module, family: Family, cut: str | None) -> None:
         super().__init__()
-        names = list(blocks)
-        position = names.index(cut)
-        self.before = nn.Sequential(OrderedDict((n, blocks[n]) for n in names[:position]))
-        self.after = nn.Sequential(OrderedDict((n, blocks[n]) for n in names[position:]))
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.cut = cut
+        model.set_submodule(family.classifier, nn.Identity())
+        self.model, self.cut = model, cut
+        self.layout: Layout = "nchw" if cut is None else family.layout
+        self._caught: torch.Tensor | None = None
+        if cut is not None:
+            model.get_submodule(cut).register_forward_pre_hook(self._catch)
+
+    def _catch(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._caught = args[0]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        activations = self.before(images)
-        return activations, self.pool(self.after(activations))
+        embeddings = self.model(images)
+        activations = images if self.cut is None else self._caught
+        if activations is None:  # pragma: no cover - guards the family table
+            raise RuntimeError(f"block {self.cut} was never reached")
+        if self.layout == "nchw":
+            activations = activations.permute(0, 2, 3, 1)
+        return activations, embeddings
 
 
 def extract(
@@ -76,13 +91,15 @@ def extract(
     amp_dtype: torch.dtype | None = None,
     meta: dict[str, Any] | None = None,
     backbone_state: dict[str, torch.Tensor] | None = None,
+    dtype: str = "float32",
 ) -> None:
     """Run the frozen trunk over every image once and write both cache folders atomically."""
     # outside inference mode: parameters converted inside it could never train again
     trunk.to(device).to(memory_format=torch.channels_last).eval()
     act_shape, emb_shape = output_shapes(trunk, image_size, device)
     rows = sum(len(labels) for _, labels in subsets.values())
-    check_free_space(activations_dir.parent, rows * (math.prod(act_shape) + math.prod(emb_shape)))
+    act_bytes = math.prod(act_shape) * np.dtype(STORED_DTYPES[dtype]).itemsize
+    check_free_space(activations_dir.parent, rows * (act_bytes + 4 * math.prod(emb_shape)))
     with (
         atomic_path(embeddings_dir) as emb_tmp,
         atomic_path(activations_dir) as act_tmp,
@@ -98,7 +115,8 @@ def extract(
                 raise FeatureCacheError(f"the {subset} subset has no images")
             dataset = ImageDataset(paths, labels, image_size, prep)
             order = BatchOrder(len(dataset), batch_size, shuffle=False)
-            act_file = NpyAppender(act_tmp / f"{subset}_activations.npy", len(dataset), act_shape)
+            act_path = act_tmp / f"{subset}_activations.npy"
+            act_file = NpyAppender(act_path, len(dataset), act_shape, dtype)
             emb_file = NpyAppender(emb_tmp / f"{subset}_embeddings.npy", len(dataset), emb_shape)
             with tqdm(total=len(dataset), desc=f"features {subset}", unit="img") as bar:
                 for images, _ in image_batches(dataset, order, num_workers):
@@ -106,8 +124,8 @@ def extract(
                     images = images.contiguous(memory_format=torch.channels_last)
                     with autocast(device, amp_dtype):
                         activations, embeddings = trunk(images)
-                    act_file.append(activations.permute(0, 2, 3, 1).float().cpu().numpy())
-                    emb_file.append(embeddings.float().cpu().numpy())
+                    act_file.append(activations)
+                    emb_file.append(embeddings)
                     bar.update(len(images))
             act_file.close()
             emb_file.close()
@@ -116,7 +134,8 @@ def extract(
             shapes[subset] = {"images": len(dataset)}
         meta = {**(meta or {}), "subsets": shapes}
         write_json(meta, emb_tmp / "meta.json")
-        write_json({"cut": trunk.cut, "shape": list(act_shape), **meta}, act_tmp / "meta.json")
+        act_meta = {"cut": trunk.cut, "layout": trunk.layout, "dtype": dtype}
+        write_json({**act_meta, "shape": list(act_shape), **meta}, act_tmp / "meta.json")
 
 
 class FeatureCacheError(TwophaseError):
@@ -129,8 +148,14 @@ def output_shapes(
     """Per-image shapes of (activations NHWC, embedding), from one blank image."""
     with torch.inference_mode():
         blank = torch.zeros(1, 3, image_size, image_size, device=device)
-        activations, embeddings = trunk(blank.contiguous(memory_format=torch.channels_last))
-    return tuple(activations.permute(0, 2, 3, 1).shape[1:]), tuple(embeddings.shape[1:])
+        try:
+            activations, embeddings = trunk(blank.contiguous(memory_format=torch.channels_last))
+        except (RuntimeError, AssertionError, ValueError) as err:  # e.g. ViT's patch grid
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ParamsError(
+                f"data.image_size: {image_size} does not fit the model ({reason})"
+            ) from None
+    return tuple(activations.shape[1:]), tuple(embeddings.shape[1:])
 
 
 def check_free_space(folder: Path, values: int, itemsize: int = 4) -> None:
@@ -149,23 +174,32 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
+# numpy has no bfloat16: its bits are stored as uint16 (read back in batches.py)
+STORED_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+
+
 class NpyAppender:
-    """Writes a float32 .npy file of known shape batch by batch with plain appends.
+    """Writes an .npy file of known shape batch by batch with plain appends.
 
     Plain writes leave the bytes to the OS page cache; filling a writable memmap instead would
     keep every written page resident in this process, so its RSS would grow with the dataset.
     """
 
-    def __init__(self, path: Path, rows: int, shape: tuple[int, ...]) -> None:
-        self.rows, self.shape, self.written = rows, shape, 0
+    def __init__(
+        self, path: Path, rows: int, shape: tuple[int, ...], dtype: str = "float32"
+    ) -> None:
+        self.rows, self.shape, self.written, self.dtype = rows, shape, 0, dtype
         self.handle = path.open("wb")
-        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, *shape)}
+        header = {"descr": STORED_DTYPES[dtype], "fortran_order": False, "shape": (rows, *shape)}
         np.lib.format.write_array_header_2_0(self.handle, header)
 
-    def append(self, batch: np.ndarray) -> None:
-        if batch.shape[1:] != self.shape or self.written + len(batch) > self.rows:
-            raise ValueError(f"batch of shape {batch.shape} does not fit {self.shape}")
-        self.handle.write(np.ascontiguousarray(batch, dtype="<f4").tobytes())
+    def append(self, batch: torch.Tensor) -> None:
+        if tuple(batch.shape[1:]) != self.shape or self.written + len(batch) > self.rows:
+            raise ValueError(f"batch of shape {tuple(batch.shape)} does not fit {self.shape}")
+        values = batch.detach().to("cpu", getattr(torch, self.dtype)).contiguous()
+        if self.dtype == "bfloat16":
+            values = values.view(torch.int16)
+        self.handle.write(values.numpy().tobytes())
         self.written += len(batch)
 
     def close(self) -> None:
@@ -206,20 +240,27 @@ def extract_features(
 
     seed_everything(params.seed)
     device = resolve_device(params.device)
-    cut = params.cut_block
-    backbone = build_backbone(params.model.arch, params.model.weights)
-    trunk = FrozenTrunk(backbone_blocks(backbone), cut)
-    prep = preprocessing(params.model.arch, params.model.weights)
+    arch, weights, size = params.model.arch, params.model.weights, params.data.image_size
+    family = check_arch(arch)
+    model = build_model(arch, weights, size)
+    cut = resolve_cut(arch, block_names(model, family), params.finetune.unfreeze)
+    embedding_dim = classifier_in_features(model, family)
+    backbone_state = {
+        k: v for k, v in model.state_dict().items() if not k.startswith(f"{family.classifier}.")
+    }
+    trunk = FrozenTrunk(model, family, cut)
+    prep = preprocessing(arch, weights)
     subsets = {
         name: (rows["path"].tolist(), rows["label"].tolist())
         for name in SUBSETS
         for rows in [split[split["subset"] == name]]
     }
     meta = {
-        "embedding_dim": embedding_dim(backbone),
-        "arch": params.model.arch,
-        "weights": params.model.weights,
-        "image_size": params.data.image_size,
+        "embedding_dim": embedding_dim,
+        "arch": arch,
+        "model_kwargs": model_kwargs(arch, weights, size),
+        "weights": weights,
+        "image_size": size,
         "preprocessing": asdict(prep),
         "class_names": class_names(split),
     }
@@ -228,13 +269,14 @@ def extract_features(
         subsets,
         embeddings_dir,
         activations_dir,
-        image_size=params.data.image_size,
+        image_size=size,
         prep=prep,
         batch_size=params.features.batch_size,
         num_workers=params.features.num_workers,
         device=device,
         amp_dtype=autocast_dtype(device, params.precision),
         meta=meta,
-        backbone_state=backbone.state_dict(),
+        backbone_state=backbone_state,
+        dtype=params.features.dtype,
     )
-    return meta
+    return {**meta, "cut": cut}

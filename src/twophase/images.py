@@ -20,7 +20,11 @@ def eval_transform(image_size: int, prep: Preprocessing) -> Callable[[Image.Imag
     transform: Callable[[Image.Image], torch.Tensor] = v2.Compose(
         [
             v2.PILToTensor(),
-            v2.Resize(round(image_size * prep.resize_ratio), antialias=True),
+            v2.Resize(
+                round(image_size * prep.resize_ratio),
+                interpolation=v2.InterpolationMode(prep.interpolation),
+                antialias=True,
+            ),
             v2.CenterCrop(image_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(prep.mean), std=list(prep.std)),

@@ -1,24 +1,25 @@
-"""The network: a pretrained torchvision backbone cut into named blocks, plus a new dense head.
+"""The network: a torchvision classification model whose classifier is replaced by an MLP head.
 
-Both phases and the feature cache use the same cut. The blocks before the first unfrozen one are
-"frozen": they never train and run in eval mode, so their output can be computed once and cached.
+Checkpoints hold the model's own state-dict keys, so they load into plain torchvision (README).
+The family table (backbones.py) says where each model's blocks and classifier are; the blocks
+before the first unfrozen one are frozen, run in eval mode and are computed once (features.py).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from twophase.backbones import ArchError, Family, family_of
 from twophase.errors import TwophaseError
-from twophase.params import ARCHS, BLOCKS
+from twophase.params import ParamsError
 
-if TYPE_CHECKING:  # torchvision takes seconds to import: only where a backbone is built
+if TYPE_CHECKING:  # torchvision takes seconds to import: only where a model is built
     from torchvision.models import WeightsEnum
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,10 +37,12 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize_ratio: float = 256 / 224
+    interpolation: str = "bilinear"
 
 
 def weights_enum(arch: str, weights: str) -> WeightsEnum | None:
     """The torchvision weights named `weights`, or None for 'none' and local files."""
+    check_arch(arch)
     if weights.lower() == "none" or _looks_like_path(weights):
         return None
     import torchvision
@@ -70,39 +73,62 @@ def preprocessing(arch: str, weights: str) -> Preprocessing:
         mean=tuple(preset.mean),
         std=tuple(preset.std),
         resize_ratio=preset.resize_size[0] / preset.crop_size[0],
+        interpolation=preset.interpolation.value,
     )
 
 
-def build_backbone(arch: str, weights: str, progress: bool = True) -> nn.Module:
-    """A torchvision ResNet with the requested weights, its fc removed."""
-    if arch not in ARCHS:
-        raise ValueError(f"model.arch: {arch!r} is not supported; expected one of {ARCHS}")
+def check_arch(arch: str) -> Family:
+    """The arch's family; an unsupported name is a params error listing the supported ones."""
+    try:
+        return family_of(arch, check=True)
+    except ArchError as err:
+        raise ParamsError(str(err)) from None
+
+
+def model_kwargs(arch: str, weights: str, image_size: int) -> dict[str, Any]:
+    """Builder arguments beyond the name: a ViT is built for the size its weights were trained
+    at (as torchvision's own builder does), an untrained one for `image_size`."""
+    if check_arch(arch).layout != "tokens":
+        return {}
+    enum = weights_enum(arch, weights)
+    return {"image_size": int(enum.meta["min_size"][0]) if enum is not None else image_size}
+
+
+def build_model(arch: str, weights: str, image_size: int, progress: bool = True) -> nn.Module:
+    """The torchvision model `arch` with the requested weights, its classifier as torchvision's."""
     import torchvision
 
+    family = check_arch(arch)
     enum = weights_enum(arch, weights)
-    net: nn.Module = torchvision.models.get_model(arch, weights=None)
+    try:
+        model: nn.Module = torchvision.models.get_model(
+            arch, weights=None, **model_kwargs(arch, weights, image_size)
+        )
+    except (ValueError, AssertionError, RuntimeError) as err:
+        raise ParamsError(f"data.image_size: {image_size} does not fit {arch} ({err})") from None
     if enum is not None:
-        net.load_state_dict(enum.get_state_dict(progress=progress, check_hash=True))
+        model.load_state_dict(enum.get_state_dict(progress=progress, check_hash=True))
     elif weights.lower() != "none":
+        state = load_state_dict_file(Path(weights), family.classifier)
         try:
-            result = net.load_state_dict(load_state_dict_file(Path(weights)), strict=False)
+            result = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # right names, wrong shapes
             mismatch = next((line.strip() for line in str(err).splitlines() if "size" in line), "")
             raise WeightsError(
                 f"model.weights: {weights!r} does not fit {arch} ({mismatch.rstrip('.')})"
             ) from None
-        missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+        missing = [k for k in result.missing_keys if not k.startswith(f"{family.classifier}.")]
         if missing or result.unexpected_keys:
             raise WeightsError(
                 f"model.weights: {weights!r} does not fit {arch} "
                 f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
             )
-    net.fc = nn.Identity()
-    return net
+    return model
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A local state dict (plain, or a checkpoint dict with 'state_dict'/'model'), fc dropped."""
+def load_state_dict_file(path: Path, classifier: str = "fc") -> dict[str, torch.Tensor]:
+    """A local state dict (plain, or a checkpoint dict with 'state_dict'/'model'), classifier
+    dropped: its number of classes is the pretraining's, not ours."""
     if not path.is_file():
         raise WeightsError(f"model.weights: file {str(path)!r} does not exist")
     try:
@@ -119,35 +145,15 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"model.weights: {str(path)!r} holds no state dict (a mapping of names to tensors)"
         )
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    return state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
 
 
-def backbone_blocks(backbone: nn.Module) -> OrderedDict[str, nn.Module]:
-    """The backbone as named blocks in forward order (see params.BLOCKS)."""
-    b = backbone
-    stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)  # type: ignore[arg-type]
-    modules = [stem, b.layer1, b.layer2, b.layer3, b.layer4]
-    return OrderedDict(zip(BLOCKS, modules, strict=True))  # type: ignore[arg-type]
-
-
-STEM_LAYERS = ("conv1", "bn1")  # the stem's positions 0 and 1; relu and maxpool hold no state
-
-
-def network_keys(backbone_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A torchvision ResNet state dict under `Network` names (conv1 -> blocks.stem.0, ...)."""
-    renamed = {}
-    for key, value in backbone_state.items():
-        first, rest = key.split(".", 1)
-        if first in STEM_LAYERS:
-            renamed[f"blocks.stem.{STEM_LAYERS.index(first)}.{rest}"] = value
-        elif first.startswith("layer"):
-            renamed[f"blocks.{key}"] = value
-    return renamed
-
-
-def embedding_dim(backbone: nn.Module) -> int:
-    return int(backbone.layer4[-1].conv1.in_channels)  # type: ignore[index, union-attr]
+def classifier_in_features(model: nn.Module, family: Family) -> int:
+    classifier = model.get_submodule(family.classifier)
+    if not isinstance(classifier, nn.Linear):  # pragma: no cover - guards the family table
+        raise TypeError(f"{family.classifier} is not a Linear layer")
+    return int(classifier.in_features)
 
 
 def build_head(
@@ -163,79 +169,25 @@ def build_head(
     return nn.Sequential(*layers)
 
 
-class Network(nn.Module):
-    """blocks → (global average pool → flatten) → head, with some blocks frozen.
+def resolve_cut(arch: str, blocks: Sequence[str], unfreeze: Sequence[str]) -> str | None:
+    """The first unfrozen block for `finetune.unfreeze` (None: every block, from the input on).
 
-    Frozen blocks get `requires_grad=False` and stay in eval mode even under `.train()`, so their
-    BatchNorm running statistics never move. With `freeze_batchnorm`, the BatchNorm layers of the
-    trainable blocks stay in eval mode too (running statistics fixed, affine parameters train).
-    With no blocks the input is already an embedding.
+    `unfreeze` names the last blocks in the model's own terms, or is one integer N (the last N
+    blocks), or `all`.
     """
-
-    def __init__(
-        self,
-        blocks: OrderedDict[str, nn.Module],
-        head: nn.Sequential,
-        frozen: Iterable[str] = (),
-        freeze_batchnorm: bool = False,
-    ) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleDict(blocks)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if blocks else None
-        self.head = head
-        self.frozen: tuple[str, ...] = ()
-        self.freeze_batchnorm = freeze_batchnorm
-        self.set_frozen(frozen)
-
-    def set_frozen(self, frozen: Iterable[str]) -> None:
-        """Freeze exactly these blocks; every other block and the head train."""
-        self.frozen = tuple(frozen)
-        unknown = set(self.frozen) - set(self.blocks)
-        if unknown:
-            raise ValueError(f"cannot freeze unknown blocks {sorted(unknown)}")
-        for name, block in self.blocks.items():
-            block.requires_grad_(name not in self.frozen)
-        self.head.requires_grad_(True)
-
-    def train(self, mode: bool = True) -> Network:
-        super().train(mode)
-        for name in self.frozen:
-            self.blocks[name].eval()
-        if self.freeze_batchnorm:
-            for module in self.blocks.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks.values():
-            x = block(x)
-        if self.pool is not None:
-            x = self.pool(x)
-        return self.head(x)  # type: ignore[no-any-return]
-
-
-def full_network(
-    arch: str,
-    weights: str,
-    dense_units: Sequence[int],
-    dropout: float,
-    num_classes: int,
-    frozen: Iterable[str] = BLOCKS,
-) -> Network:
-    """Backbone (all blocks frozen by default) and a freshly initialised head."""
-    backbone = build_backbone(arch, weights)
-    head = build_head(embedding_dim(backbone), dense_units, dropout, num_classes)
-    return Network(backbone_blocks(backbone), head, frozen=frozen)
-
-
-def tail_of(network: Network, first_block: str | None) -> Network:
-    """The part of `network` from `first_block` on (None: the head alone), sharing its modules."""
-    names = list(network.blocks)
-    kept = names[names.index(first_block) :] if first_block is not None else []
-    frozen = tuple(name for name in network.frozen if name in kept)
-    blocks = OrderedDict((n, network.blocks[n]) for n in kept)
-    return Network(blocks, network.head, frozen, network.freeze_batchnorm)
+    count = len(blocks)
+    if tuple(unfreeze) == ("all",):
+        return None
+    if len(unfreeze) == 1 and unfreeze[0].isdigit() and 1 <= int(unfreeze[0]) <= count:
+        return blocks[-int(unfreeze[0])]
+    if len(set(unfreeze)) == len(unfreeze) and set(unfreeze) == set(blocks[-len(unfreeze) :]):
+        return blocks[-len(unfreeze)]
+    examples = f"[{blocks[-1]}] or [{blocks[-2]}, {blocks[-1]}]" if count > 1 else f"[{blocks[0]}]"
+    raise ParamsError(
+        f"finetune.unfreeze: {list(unfreeze)} is not allowed for {arch}; expected its last "
+        f"blocks, e.g. {examples} (its blocks: {', '.join(blocks)}), an integer 1..{count}, "
+        "or all"
+    )
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

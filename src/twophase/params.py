@@ -30,19 +30,9 @@ DATASETS = (
     "imagefolder",
 )
 DEVICES = ("auto", "cpu", "cuda", "mps")
-# torchvision ResNets share one layout: stem (conv1, bn1, relu, maxpool), 4 stages, avgpool, fc.
-ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-)
-BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BATCHNORM_MODES = ("frozen", "train")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 # Params that change how fast a stage runs, never what it writes: no stage depends on them.
 SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers")
 
@@ -73,7 +63,8 @@ class ModelParams:
     dropout: float = 0.3
 
     def __post_init__(self) -> None:
-        _check_choice("model.arch", self.arch, ARCHS)
+        # which names exist is torchvision's to say: checked against it by the first stage
+        _check(bool(re.fullmatch(r"[\w.-]+", self.arch)), "model.arch", self.arch, "a model name")
         _check(bool(self.weights.strip()), "model.weights", self.weights, "a weights name")
         _check(
             len(self.dense_units) > 0 and all(u > 0 for u in self.dense_units),
@@ -88,10 +79,12 @@ class ModelParams:
 class FeaturesParams:
     batch_size: int = 64
     num_workers: int = 2
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "features.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 0, "features.num_workers", self.num_workers, "an integer >= 0")
+        _check_choice("features.dtype", self.dtype, CACHE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -125,7 +118,7 @@ class TransferParams(PhaseParams):
 class FinetuneParams(PhaseParams):
     lr: float = 1e-5
     epochs: int = 15
-    unfreeze: tuple[str, ...] = ("layer4",)
+    unfreeze: tuple[str, ...] = ("1",)  # the last block: layer4 for a ResNet
     batchnorm: str = "frozen"
 
     def __post_init__(self) -> None:
@@ -145,11 +138,6 @@ class Params:
     train_transfer: TransferParams = field(default_factory=TransferParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
 
-    @property
-    def cut_block(self) -> str:
-        """The first unfrozen block of phase 2: everything before it is frozen and cached."""
-        return unfrozen_blocks(self.finetune.unfreeze)[0]
-
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         _check_choice("device", self.device, DEVICES)
@@ -157,19 +145,16 @@ class Params:
 
 
 def check_unfreeze(unfreeze: tuple[str, ...]) -> None:
-    """Unfrozen blocks must be the network's last ones: everything before them is cached once."""
-    key, allowed = "finetune.unfreeze", "the last blocks, e.g. [layer4], [layer3, layer4] or [all]"
-    if unfreeze == ("all",):
-        return
-    for name in unfreeze:
-        _check_choice(key, name, (*BLOCKS, "all"))
+    """Its shape only; whether the names are the arch's last blocks is checked with the model."""
+    key = "finetune.unfreeze"
+    allowed = "the last blocks by name, e.g. [layer4], an integer N (the last N blocks) or all"
+    _check(len(unfreeze) > 0, key, list(unfreeze), allowed)
     _check(len(set(unfreeze)) == len(unfreeze), key, list(unfreeze), "blocks named once each")
-    _check(set(unfreeze) == set(BLOCKS[-len(unfreeze) :]), key, list(unfreeze), allowed)
-
-
-def unfrozen_blocks(unfreeze: tuple[str, ...]) -> tuple[str, ...]:
-    """The unfrozen blocks in network order ('all' expanded)."""
-    return BLOCKS if unfreeze == ("all",) else tuple(b for b in BLOCKS if b in unfreeze)
+    if len(unfreeze) > 1:
+        _check(not ({"all"} & set(unfreeze)), key, list(unfreeze), allowed)
+        _check(not any(u.isdigit() for u in unfreeze), key, list(unfreeze), allowed)
+    elif unfreeze[0].isdigit():
+        _check(int(unfreeze[0]) >= 1, key, int(unfreeze[0]), "an integer >= 1")
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:

@@ -9,21 +9,22 @@ Both call the same `train.fit`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
 from twophase import features
+from twophase.backbones import Tail, block_names, family_of, set_trainable
 from twophase.batches import array_batches as batches
 from twophase.checkpoint import load_checkpoint, save_checkpoint
 from twophase.features import FeatureCacheError
 from twophase.io import write_csv
-from twophase.model import Network, Preprocessing, build_head, network_keys, tail_of
-from twophase.params import BLOCKS, Params
+from twophase.model import build_head, resolve_cut
+from twophase.params import Params
 from twophase.runtime import autocast_dtype, resolve_device, seed_everything
 from twophase.train import EpochStats, FitResult, fit
 
@@ -62,7 +63,7 @@ def train_transfer(
     )
     phase = params.train_transfer
     result = fit(
-        Network(OrderedDict(), head),
+        head,
         batches(*train, phase.batch_size, True, params.seed),
         batches(*val, phase.batch_size, False, params.seed),
         lr=phase.lr,
@@ -73,15 +74,16 @@ def train_transfer(
         on_epoch=_history_writer(history_path),
         desc="train_transfer",
     )
-    head_state = {f"head.{key}": value for key, value in head.cpu().state_dict().items()}
+    classifier = family_of(meta["arch"]).classifier
+    head_state = {f"{classifier}.{key}": value for key, value in head.cpu().state_dict().items()}
     save_checkpoint(
-        {**network_keys(backbone), **head_state},
-        BLOCKS,
+        {**backbone, **head_state},
         checkpoint_path,
         phase="transfer",
         params=params,
-        class_names=meta["class_names"],
-        prep=Preprocessing(**meta["preprocessing"]),
+        features_meta=meta,
+        reads="embeddings",
+        cut=None,
         result=result,
         last_epoch=result.history[-1].epoch,
     )
@@ -102,32 +104,36 @@ def finetune(
     """
     seed_everything(params.seed)
     device = resolve_device(params.device)
-    network, start = load_checkpoint(transfer_checkpoint)
-    cut = params.cut_block
+    model, start = load_checkpoint(transfer_checkpoint)
+    family = family_of(start["arch"])
+    cut = resolve_cut(start["arch"], block_names(model, family), params.finetune.unfreeze)
     meta = features.load_meta(activations_dir)
     if meta["cut"] != cut:
         raise FeatureCacheError(
-            f"finetune.unfreeze starts at {cut} but the feature cache in {activations_dir} holds "
-            f"the input of {meta['cut']}: rerun the features stage (dvc repro)"
+            f"finetune.unfreeze starts at {cut or 'the input'} but the feature cache in "
+            f"{activations_dir} holds the input of {meta['cut'] or 'the network'}: rerun the "
+            "features stage (dvc repro)"
         )
-    network.set_frozen(BLOCKS[: BLOCKS.index(cut)])
-    network.freeze_batchnorm = params.finetune.batchnorm == "frozen"
     phase = params.finetune
+    features_meta: dict[str, Any] = {**start, "embedding_dim": start["head"]["in_features"]}
     if phase.epochs == 0:  # phase 2 skipped: its checkpoint is phase 1's network
-        network.set_frozen(BLOCKS)
         write_history([], history_path)
         result = FitResult(
             best_epoch=start["best_epoch"],
             best_val_loss=start["best_val_loss"],
             best_val_acc=start["best_val_acc"],
         )
+        reads, cut = "embeddings", None
     else:
+        tail = Tail(model, family, cut, freeze_batchnorm=phase.batchnorm == "frozen")
+        set_trainable(model, tail)
+        nhwc = meta["layout"] == "nchw"
         train = features.load_activations(activations_dir, "train")
         val = features.load_activations(activations_dir, "val")
         result = fit(
-            tail_of(network, cut),
-            batches(*train, phase.batch_size, True, params.seed, nhwc=True),
-            batches(*val, phase.batch_size, False, params.seed, nhwc=True),
+            tail,
+            batches(*train, phase.batch_size, True, params.seed, nhwc=nhwc),
+            batches(*val, phase.batch_size, False, params.seed, nhwc=nhwc),
             lr=phase.lr,
             epochs=phase.epochs,
             patience=phase.patience,
@@ -140,14 +146,15 @@ def finetune(
         )
         if result.kept_starting_weights:
             print("finetune: no epoch beat phase 1 on validation loss; kept phase 1's weights")
+        reads = "activations"
     save_checkpoint(
-        network.cpu().state_dict(),
-        network.frozen,
+        model.cpu().state_dict(),
         checkpoint_path,
         phase="finetune",
         params=params,
-        class_names=start["class_names"],
-        prep=Preprocessing(**start["preprocessing"]),
+        features_meta=features_meta,
+        reads=reads,
+        cut=cut,
         result=result,
         last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
     )
