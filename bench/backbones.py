@@ -22,9 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from twophase.backbones import block_names
+from twophase.backbones import (
+    block_names,
+    describe,
+)
 from twophase.features import FrozenTrunk
-from twophase.model import build_model, check_arch, classifier_in_features
+from twophase.model import build_model, classifier_in_features
 
 ARCHS = (
     "resnet18,resnet50,regnet_y_400mf,regnet_y_1_6gf,convnext_tiny,efficientnet_b0,"
@@ -34,8 +37,8 @@ DATASETS = {"Pet": 7349, "Food-101": 101000}
 
 
 def measure(arch: str, images: int, size: int = 224) -> str:
-    family = check_arch(arch)
     model = build_model(arch, "none", size)
+    family = describe(model, arch)
     blocks = block_names(model, family)
     embedding = classifier_in_features(model, family)
     trunk = FrozenTrunk(model, family, blocks[-1]).eval().to(memory_format=torch.channels_last)

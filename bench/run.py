@@ -120,15 +120,15 @@ def floors(repo: Path, args: argparse.Namespace) -> dict[str, float]:
     """The least work each phase must do, timed in-process, without DVC or stage start-up."""
     import pandas as pd
 
-    from twophase.backbones import Tail, set_trainable
+    from twophase.backbones import Tail, describe, set_trainable
     from twophase.batches import BatchOrder, array_batches
     from twophase.features import FrozenTrunk
     from twophase.images import ImageDataset, image_batches
-    from twophase.model import Preprocessing, build_head, build_model, check_arch
+    from twophase.model import Preprocessing, build_head, build_model
     from twophase.train import run_epoch
 
     split = pd.read_csv(repo / "data/split.csv")
-    family = check_arch("resnet18")
+    family = describe(build_model("resnet18", "none", 224), "resnet18")
     # the floors get the layout measured fastest here (channels-last), like the pipeline
     trunk = FrozenTrunk(build_model("resnet18", "none", args.image_size), family, "layer4").eval()
     trunk.to(memory_format=torch.channels_last)

@@ -18,12 +18,12 @@ sys.path.insert(0, str(BENCH))
 
 from synth import make_imagefolder  # noqa: E402
 
-from twophase.backbones import Tail, set_trainable  # noqa: E402
+from twophase.backbones import Tail, describe, set_trainable  # noqa: E402
 from twophase.batches import BatchOrder  # noqa: E402
 from twophase.decode import load_rgb  # noqa: E402
 from twophase.features import FrozenTrunk  # noqa: E402
 from twophase.images import ImageDataset, eval_transform, image_batches  # noqa: E402
-from twophase.model import Preprocessing, build_head, build_model, check_arch  # noqa: E402
+from twophase.model import Preprocessing, build_head, build_model  # noqa: E402
 
 
 def rate(name: str, images: int, fn: Callable[[], object], repeats: int = 3) -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         repeats=1,
     )
 
-    family = check_arch("resnet18")
+    family = describe(build_model("resnet18", "none", 224), "resnet18")
     trunk = FrozenTrunk(build_model("resnet18", "none", 224), family, "layer4").eval()
     x = torch.randn(64, 3, 224, 224)
     with torch.inference_mode():

@@ -15,11 +15,11 @@ import torchvision
 from tests.helpers import PROJECT
 from tests.test_train import tiny_network
 from twophase import features
-from twophase.backbones import FAMILIES, Tail, block_names, supported_archs
+from twophase.backbones import FAMILIES, Tail, block_names, describe, supported_archs
 from twophase.batches import array_batches
 from twophase.checkpoint import cached_input_model, load_checkpoint, save_checkpoint
 from twophase.features import FrozenTrunk, extract
-from twophase.model import Preprocessing, build_model, check_arch, resolve_cut
+from twophase.model import Preprocessing, build_model, check_arch, model_kwargs, resolve_cut
 from twophase.params import ParamsError, parse_params
 from twophase.train import FitResult, predict
 
@@ -33,6 +33,13 @@ ONE_PER_FAMILY = {
     "mobilenet_v3_small": 32,
     "vit_b_16": 32,
     "swin_t": 32,
+}
+TIMM = {  # the optional extra; installed with the dev dependencies
+    "timm/resnet18": 32,
+    "timm/convnext_atto": 32,
+    "timm/efficientnet_b0": 32,
+    "timm/vit_tiny_patch16_224": 224,
+    "timm/swin_tiny_patch4_window7_224": 224,
 }
 
 
@@ -73,7 +80,7 @@ def test_unfreeze_names_blocks_in_the_models_own_terms(
 ) -> None:
     unfreeze = list(parse_params({"finetune": {"unfreeze": unfreeze}}).finetune.unfreeze)
     model = build_model(arch, "none", 32)
-    assert resolve_cut(arch, block_names(model, check_arch(arch)), unfreeze) == cut
+    assert resolve_cut(arch, block_names(model, describe(model, arch)), unfreeze) == cut
 
 
 @pytest.mark.parametrize("unfreeze", [["layer2"], ["layer4", "fc"], ["5"], ["features.7"]])
@@ -92,7 +99,8 @@ def test_an_image_size_that_misfits_the_patch_grid_is_one_line() -> None:
     with pytest.raises(ParamsError, match=r"^data.image_size: 30 does not fit vit_b_16 \(Input"):
         build_model("vit_b_16", "none", 30)
     # a ViT built for 32 px (as pretrained weights fix their own size) fed another size
-    trunk = FrozenTrunk(build_model("vit_b_16", "none", 32), check_arch("vit_b_16"), None)
+    vit = build_model("vit_b_16", "none", 32)
+    trunk = FrozenTrunk(vit, describe(vit, "vit_b_16"), None)
     with pytest.raises(ParamsError, match=r"^data.image_size: 48 does not fit the model \(Wrong"):
         output_shapes(trunk, 48, CPU)
 
@@ -104,7 +112,7 @@ def readme_loader() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("arch", "size"), ONE_PER_FAMILY.items())
+@pytest.mark.parametrize(("arch", "size"), [*ONE_PER_FAMILY.items(), *TIMM.items()])
 def test_cached_path_equals_streamed_and_checkpoint_loads_into_plain_torchvision(
     arch: str, size: int, tmp_path: Path
 ) -> None:
@@ -136,7 +144,8 @@ def test_cached_path_equals_streamed_and_checkpoint_loads_into_plain_torchvision
 
     meta = {
         "arch": arch,
-        "model_kwargs": {"image_size": size} if family.layout == "tokens" else {},
+        "classifier": family.classifier,
+        "model_kwargs": model_kwargs(arch, "none", size),
         "embedding_dim": model.get_submodule(family.classifier)[0].in_features,
         "class_names": ["a", "b", "c"],
         "image_size": size,
@@ -157,9 +166,8 @@ def test_cached_path_equals_streamed_and_checkpoint_loads_into_plain_torchvision
     namespace: dict = {}
     exec(readme_loader().replace("models/finetune.pt", str(tmp_path / "finetune.pt")), namespace)
     plain = namespace["model"].eval()  # loaded with strict=True, without twophase
-    assert type(plain) is type(
-        torchvision.models.get_model(arch, weights=None, **meta["model_kwargs"])
-    )
+    library = "timm." if arch.startswith("timm/") else "torchvision."
+    assert type(plain).__module__.startswith(library), type(plain)
     reloaded, checkpoint = load_checkpoint(tmp_path / "finetune.pt")
     evaluated, _ = predict(
         cached_input_model(reloaded, checkpoint),
@@ -190,3 +198,23 @@ def _streamed_probs(model: torch.nn.Module, paths: list[str], size: int) -> torc
     data = ImageDataset(paths, [0] * len(paths), size, Preprocessing())
     probs, _ = predict(model, image_batches(data, BatchOrder(len(data), 2, False)), CPU)
     return probs
+
+
+def test_timm_blocks_come_from_feature_info_and_the_tail_is_checked() -> None:
+    from twophase.backbones import ArchError, check_tail
+
+    model = build_model("timm/efficientnet_b0", "none", 32)
+    family = describe(model, "timm/efficientnet_b0")
+    assert block_names(model, family) == [f"blocks.{i}" for i in (0, 1, 2, 4, 6)]
+    assert family.classifier == "classifier"
+    # from blocks.4 on, the unnamed stage blocks.5 runs too, then the final conv
+    steps = family.tail_steps(model, "blocks.4")
+    assert steps == ["blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2", "forward_head"]
+    hrnet = build_model("timm/hrnet_w18_small", "none", 64)
+    with pytest.raises(ArchError, match="is not supported: its forward after"):
+        check_tail(hrnet, describe(hrnet, "timm/hrnet_w18_small"), "stage4", 64, "hrnet")
+
+
+def test_unknown_timm_name_is_one_line() -> None:
+    with pytest.raises(ParamsError, match=r"^model.arch: 'timm/resnet19' is not a timm model name"):
+        check_arch("timm/resnet19")

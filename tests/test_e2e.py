@@ -359,11 +359,12 @@ def test_metrics_diff_between_phases(repo: Path) -> None:
         "mobilenet_v3_small",
         "vit_b_16",
         "swin_t",
+        "timm/convnext_atto",
     ],
 )
 def test_every_family_runs_the_whole_dag_in_a_temp_experiment(repo: Path, arch: str) -> None:
     """resnet18 is the module's own run; `finetune.unfreeze: 1` fits every family."""
-    name = f"arch-{arch.replace('_', '-')}"
+    name = "arch-" + re.sub(r"[_/]", "-", arch)
     output = run(
         repo,
         "dvc",

@@ -11,7 +11,7 @@ from torch import nn
 
 from tests.helpers import make_imagefolder
 from twophase import features
-from twophase.backbones import Tail, family_of, set_trainable
+from twophase.backbones import Tail, describe, set_trainable
 from twophase.batches import ArrayBatches, BatchOrder, array_batches
 from twophase.features import FrozenTrunk, extract
 from twophase.images import ImageDataset, image_batches
@@ -72,7 +72,7 @@ def tiny_network(
     """A torchvision model with an MLP head; the blocks from `first` on (and the head) train."""
     torch.manual_seed(0)
     model = build_model(arch, "none", 32)
-    family = family_of(arch)
+    family = describe(model, arch)
     width = classifier_in_features(model, family)
     model.set_submodule(family.classifier, build_head(width, [16], dropout, classes))
     tail = Tail(model, family, first)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from twophase.backbones import Tail, family_of
+from twophase.backbones import Tail, describe
 from twophase.io import atomic_path
-from twophase.model import build_head
+from twophase.model import build_head, create_model
 from twophase.params import Params, to_dict
 from twophase.train import FitResult
 
@@ -40,7 +40,7 @@ def save_checkpoint(
         "state_dict": state,
         "arch": arch,
         "model_kwargs": features_meta["model_kwargs"],
-        "classifier": family_of(arch).classifier,
+        "classifier": features_meta["classifier"],
         "head": {
             "in_features": features_meta["embedding_dim"],
             "dense_units": list(params.model.dense_units),
@@ -63,12 +63,8 @@ def save_checkpoint(
 
 
 def build_network(checkpoint: dict[str, Any]) -> nn.Module:
-    """The checkpoint's torchvision model, untrained, with its classifier replaced by the head."""
-    import torchvision
-
-    model: nn.Module = torchvision.models.get_model(
-        checkpoint["arch"], weights=None, **checkpoint["model_kwargs"]
-    )
+    """The checkpoint's model (torchvision or timm), untrained, the head as its classifier."""
+    model = create_model(checkpoint["arch"], checkpoint["model_kwargs"])
     spec = checkpoint["head"]
     head = build_head(
         spec["in_features"], spec["dense_units"], spec["dropout"], spec["num_classes"]
@@ -89,4 +85,4 @@ def cached_input_model(model: nn.Module, checkpoint: dict[str, Any]) -> nn.Modul
     """The part of `model` that scores the cached input the checkpoint reads."""
     if checkpoint["reads"] == "embeddings":
         return model.get_submodule(checkpoint["classifier"])
-    return Tail(model, family_of(checkpoint["arch"]), checkpoint["cut"])
+    return Tail(model, describe(model, checkpoint["arch"]), checkpoint["cut"])

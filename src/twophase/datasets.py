@@ -384,9 +384,20 @@ def fetch_weights(arch: str, weights: str) -> str:
     """Make sure pretrained weights are on disk (torch's hub cache); say what is used."""
     import torch
 
-    from twophase.model import load_state_dict_file, weights_enum
+    from twophase.model import build_model, is_timm, load_state_dict_file, weights_enum
 
     enum = weights_enum(arch, weights)
+    if is_timm(arch) and weights.lower() != "none":
+        try:  # timm caches what it fetches itself (the Hugging Face hub cache)
+            with network_timeout(NETWORK_TIMEOUT_S):
+                build_model(arch, weights, 224)
+        except (OSError, RuntimeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DatasetError(
+                f"could not fetch the {arch} weights from timm's hub ({reason[:160]}). Without "
+                "network, set model.weights to a local weights file, or to none"
+            ) from err
+        return weights
     if enum is None:
         if weights.lower() != "none":
             load_state_dict_file(Path(weights))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from twophase.backbones import Family, Layout, block_names
+from twophase.backbones import ArchError, Family, Layout, block_names, check_tail, describe
 from twophase.batches import BatchOrder
 from twophase.errors import TwophaseError
 from twophase.images import ImageDataset, image_batches
@@ -34,7 +34,6 @@ from twophase.io import atomic_path, read_json, write_json
 from twophase.model import (
     Preprocessing,
     build_model,
-    check_arch,
     classifier_in_features,
     model_kwargs,
     preprocessing,
@@ -241,15 +240,20 @@ def extract_features(
     seed_everything(params.seed)
     device = resolve_device(params.device)
     arch, weights, size = params.model.arch, params.model.weights, params.data.image_size
-    family = check_arch(arch)
     model = build_model(arch, weights, size)
+    family = describe(model, arch)
     cut = resolve_cut(arch, block_names(model, family), params.finetune.unfreeze)
+    if family.name == "timm" and cut is not None:
+        try:
+            check_tail(model, family, cut, size, arch)
+        except ArchError as err:
+            raise ParamsError(str(err)) from None
     embedding_dim = classifier_in_features(model, family)
     backbone_state = {
         k: v for k, v in model.state_dict().items() if not k.startswith(f"{family.classifier}.")
     }
     trunk = FrozenTrunk(model, family, cut)
-    prep = preprocessing(arch, weights)
+    prep = preprocessing(arch, weights, model)
     subsets = {
         name: (rows["path"].tolist(), rows["label"].tolist())
         for name in SUBSETS
@@ -258,6 +262,7 @@ def extract_features(
     meta = {
         "embedding_dim": embedding_dim,
         "arch": arch,
+        "classifier": family.classifier,
         "model_kwargs": model_kwargs(arch, weights, size),
         "weights": weights,
         "image_size": size,

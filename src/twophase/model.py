@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from twophase.backbones import ArchError, Family, family_of
+from twophase.backbones import TIMM_PREFIX, ArchError, Family, describe, family_of
 from twophase.errors import TwophaseError
 from twophase.params import ParamsError
 
@@ -43,7 +43,7 @@ class Preprocessing:
 def weights_enum(arch: str, weights: str) -> WeightsEnum | None:
     """The torchvision weights named `weights`, or None for 'none' and local files."""
     check_arch(arch)
-    if weights.lower() == "none" or _looks_like_path(weights):
+    if weights.lower() == "none" or _looks_like_path(weights) or is_timm(arch):
         return None
     import torchvision
 
@@ -64,7 +64,18 @@ def _looks_like_path(weights: str) -> bool:
     return "/" in weights or "\\" in weights or weights.endswith((".pt", ".pth", ".bin"))
 
 
-def preprocessing(arch: str, weights: str) -> Preprocessing:
+def preprocessing(arch: str, weights: str, model: nn.Module | None = None) -> Preprocessing:
+    """The weights' own preprocessing: torchvision's transforms, or timm's data config."""
+    if is_timm(arch) and model is not None:
+        from timm.data import resolve_data_config  # type: ignore[attr-defined]
+
+        config = resolve_data_config({}, model=model)  # type: ignore[no-untyped-call]
+        return Preprocessing(
+            mean=tuple(config["mean"]),
+            std=tuple(config["std"]),
+            resize_ratio=1 / config["crop_pct"],
+            interpolation=config["interpolation"],
+        )
     enum = weights_enum(arch, weights)
     if enum is None:
         return Preprocessing()
@@ -77,10 +88,24 @@ def preprocessing(arch: str, weights: str) -> Preprocessing:
     )
 
 
-def check_arch(arch: str) -> Family:
-    """The arch's family; an unsupported name is a params error listing the supported ones."""
+def is_timm(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX)
+
+
+def check_arch(arch: str) -> None:
+    """An unsupported name is a params error listing the supported ones."""
+    if is_timm(arch):
+        try:
+            import timm
+        except ImportError:
+            raise ParamsError(
+                f"model.arch: {arch!r} needs timm: pip install -e '.[timm]'"
+            ) from None
+        if not timm.is_model(arch.removeprefix(TIMM_PREFIX)):
+            raise ParamsError(f"model.arch: {arch!r} is not a timm model name") from None
+        return
     try:
-        return family_of(arch, check=True)
+        family_of(arch, check=True)
     except ArchError as err:
         raise ParamsError(str(err)) from None
 
@@ -88,28 +113,41 @@ def check_arch(arch: str) -> Family:
 def model_kwargs(arch: str, weights: str, image_size: int) -> dict[str, Any]:
     """Builder arguments beyond the name: a ViT is built for the size its weights were trained
     at (as torchvision's own builder does), an untrained one for `image_size`."""
-    if check_arch(arch).layout != "tokens":
+    check_arch(arch)
+    if is_timm(arch) or family_of(arch).layout != "tokens":
         return {}
     enum = weights_enum(arch, weights)
     return {"image_size": int(enum.meta["min_size"][0]) if enum is not None else image_size}
 
 
-def build_model(arch: str, weights: str, image_size: int, progress: bool = True) -> nn.Module:
-    """The torchvision model `arch` with the requested weights, its classifier as torchvision's."""
+def create_model(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    """An untrained `arch` from torchvision, or from timm for `timm/<name>`."""
+    if is_timm(arch):
+        import timm
+
+        timm_model: nn.Module = timm.create_model(arch.removeprefix(TIMM_PREFIX), **kwargs)
+        return timm_model
     import torchvision
 
-    family = check_arch(arch)
+    model: nn.Module = torchvision.models.get_model(arch, weights=None, **kwargs)
+    return model
+
+
+def build_model(arch: str, weights: str, image_size: int, progress: bool = True) -> nn.Module:
+    """`arch` with the requested weights, its classifier as the library made it."""
+    check_arch(arch)
+    if is_timm(arch) and weights.lower() != "none":
+        return _timm_pretrained(arch, weights)
     enum = weights_enum(arch, weights)
     try:
-        model: nn.Module = torchvision.models.get_model(
-            arch, weights=None, **model_kwargs(arch, weights, image_size)
-        )
+        model = create_model(arch, model_kwargs(arch, weights, image_size))
     except (ValueError, AssertionError, RuntimeError) as err:
         raise ParamsError(f"data.image_size: {image_size} does not fit {arch} ({err})") from None
     if enum is not None:
         model.load_state_dict(enum.get_state_dict(progress=progress, check_hash=True))
     elif weights.lower() != "none":
-        state = load_state_dict_file(Path(weights), family.classifier)
+        classifier = describe(model, arch).classifier
+        state = load_state_dict_file(Path(weights), classifier)
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # right names, wrong shapes
@@ -117,12 +155,37 @@ def build_model(arch: str, weights: str, image_size: int, progress: bool = True)
             raise WeightsError(
                 f"model.weights: {weights!r} does not fit {arch} ({mismatch.rstrip('.')})"
             ) from None
-        missing = [k for k in result.missing_keys if not k.startswith(f"{family.classifier}.")]
+        missing = [k for k in result.missing_keys if not k.startswith(f"{classifier}.")]
         if missing or result.unexpected_keys:
             raise WeightsError(
                 f"model.weights: {weights!r} does not fit {arch} "
                 f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
             )
+    return model
+
+
+def _timm_pretrained(arch: str, weights: str) -> nn.Module:
+    """timm's own loading: from the hub for DEFAULT, else from a local file."""
+    import timm
+
+    name = arch.removeprefix(TIMM_PREFIX)
+    if weights == "DEFAULT":
+        model: nn.Module = timm.create_model(name, pretrained=True)
+        return model
+    if not _looks_like_path(weights) or not Path(weights).is_file():
+        raise WeightsError(
+            f"model.weights: {weights!r} for {arch} must be DEFAULT (timm's hub), none, or an "
+            "existing weights file"
+        )
+    try:
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(Path(weights).resolve())}
+        )
+    except (RuntimeError, ValueError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsError(
+            f"model.weights: {weights!r} does not fit {arch} ({reason[:160]})"
+        ) from None
     return model
 
 

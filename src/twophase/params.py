@@ -64,7 +64,8 @@ class ModelParams:
 
     def __post_init__(self) -> None:
         # which names exist is torchvision's to say: checked against it by the first stage
-        _check(bool(re.fullmatch(r"[\w.-]+", self.arch)), "model.arch", self.arch, "a model name")
+        name = self.arch.removeprefix("timm/")
+        _check(bool(re.fullmatch(r"[\w.-]+", name)), "model.arch", self.arch, "a model name")
         _check(bool(self.weights.strip()), "model.weights", self.weights, "a weights name")
         _check(
             len(self.dense_units) > 0 and all(u > 0 for u in self.dense_units),

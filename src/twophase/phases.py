@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from twophase import features
-from twophase.backbones import Tail, block_names, family_of, set_trainable
+from twophase.backbones import Tail, block_names, describe, set_trainable
 from twophase.batches import array_batches as batches
 from twophase.checkpoint import load_checkpoint, save_checkpoint
 from twophase.features import FeatureCacheError
@@ -74,7 +74,7 @@ def train_transfer(
         on_epoch=_history_writer(history_path),
         desc="train_transfer",
     )
-    classifier = family_of(meta["arch"]).classifier
+    classifier = meta["classifier"]
     head_state = {f"{classifier}.{key}": value for key, value in head.cpu().state_dict().items()}
     save_checkpoint(
         {**backbone, **head_state},
@@ -105,7 +105,7 @@ def finetune(
     seed_everything(params.seed)
     device = resolve_device(params.device)
     model, start = load_checkpoint(transfer_checkpoint)
-    family = family_of(start["arch"])
+    family = describe(model, start["arch"])
     cut = resolve_cut(start["arch"], block_names(model, family), params.finetune.unfreeze)
     meta = features.load_meta(activations_dir)
     if meta["cut"] != cut:
