@@ -44,6 +44,7 @@ STAGES = (
     "train_transfer",
     "finetune",
     "evaluate",
+    "export",
     "report",
 )
 
@@ -155,14 +156,14 @@ def test_repro_writes_every_declared_output(repo: Path) -> None:
 
 def test_changing_finetune_lr_reruns_only_finetune_and_below(repo: Path) -> None:
     output = run(repo, "dvc", "exp", "run", "-S", "finetune.lr=3e-5")
-    assert ran(output) == {"finetune", "evaluate", "report"}
+    assert ran(output) == {"finetune", "evaluate", "export", "report"}
     for stage in ("download", "index", "split", "features", "train_transfer"):
         assert f"Stage '{stage}' didn't change, skipping" in output
 
 
 def test_changing_transfer_lr_does_not_recompute_features(repo: Path) -> None:
     output = run(repo, "dvc", "exp", "run", "-S", "train_transfer.lr=0.002")
-    assert ran(output) == {"train_transfer", "finetune", "evaluate", "report"}
+    assert ran(output) == {"train_transfer", "finetune", "evaluate", "export", "report"}
     assert "Stage 'features' didn't change, skipping" in output
 
 
@@ -176,7 +177,7 @@ def test_changing_unfreeze_recomputes_activations_but_not_phase_one(repo: Path) 
     run(repo, "dvc", "checkout", "-q")
     embeddings = (repo / "data/embeddings/train_embeddings.npy").read_bytes()
     output = run(repo, "dvc", "exp", "run", "-S", "finetune.unfreeze=[layer3,layer4]")
-    assert ran(output) == {"features", "finetune", "evaluate", "report"}
+    assert ran(output) == {"features", "finetune", "evaluate", "export", "report"}
     assert "Stage 'train_transfer' didn't change, skipping" in output
     assert (repo / "data/embeddings/train_embeddings.npy").read_bytes() == embeddings
     assert json.loads((repo / "data/activations/meta.json").read_text())["cut"] == "layer3"
@@ -272,7 +273,7 @@ def test_a_killed_stage_leaves_no_partial_output(repo: Path) -> None:
     assert "finetune" in run(repo, "dvc", "status")
 
     set_params(repo / "params.yaml", {"finetune": {"epochs": 1}})
-    assert ran(run(repo, "dvc", "repro")) == {"finetune", "evaluate", "report"}
+    assert ran(run(repo, "dvc", "repro")) == {"finetune", "evaluate", "export", "report"}
     assert (repo / "models/finetune.pt").is_file()
     assert "up to date" in run(repo, "dvc", "status")
 

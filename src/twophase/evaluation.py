@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from twophase import features
@@ -14,7 +13,7 @@ from twophase.checkpoint import cached_input_model, load_checkpoint
 from twophase.io import write_csv, write_json
 from twophase.metrics import confusion, score, side_by_side
 from twophase.params import Params
-from twophase.plots import PHASE_TITLES, plot_confusion, plot_prediction_grid
+from twophase.plots import PHASE_TITLES, grid_choice, plot_confusion, plot_prediction_grid
 from twophase.runtime import autocast_dtype, resolve_device
 from twophase.train import predict
 
@@ -37,8 +36,6 @@ def evaluate(
     test_activations, _ = features.load_activations(activations_dir, "test")
     activations_meta = features.load_meta(activations_dir)
     test_rows = split[split["subset"] == "test"].reset_index(drop=True)
-    rng = np.random.default_rng(params.seed)
-    grid_rows = np.sort(rng.choice(len(test_rows), min(GRID_IMAGES, len(test_rows)), replace=False))
     scores: dict[str, dict[str, Any]] = {}
     per_class = []
     for phase, checkpoint_path in checkpoints.items():
@@ -53,16 +50,22 @@ def evaluate(
             device,
             amp,
         )
-        predicted = probs.argmax(dim=1).numpy()
-        truth = labels.numpy()
+        confidence, predicted_t = probs.max(dim=1)
+        predicted, truth = predicted_t.numpy(), labels.numpy()
         scores[phase] = score(truth, predicted, names)
         per_class += [{"phase": phase, **row} for row in scores[phase]["per_class"]]
         write_csv(
             pd.DataFrame(
-                {"actual": [names[i] for i in truth], "predicted": [names[i] for i in predicted]}
+                {
+                    "path": test_rows["path"],
+                    "actual": [names[i] for i in truth],
+                    "predicted": [names[i] for i in predicted],
+                    "probability": confidence.numpy().round(6),
+                }
             ),
             plots_dir / f"predictions_{phase}.csv",
         )
+        grid_rows = grid_choice(predicted == truth, confidence.numpy(), GRID_IMAGES)
         title = PHASE_TITLES[phase]
         plot_confusion(
             confusion(truth, predicted, len(names)),
@@ -74,8 +77,9 @@ def evaluate(
             test_rows["path"].iloc[grid_rows].tolist(),
             [names[i] for i in truth[grid_rows]],
             [names[i] for i in predicted[grid_rows]],
-            f"test predictions, {title}",
+            f"test predictions, {title}: most confident errors, then correct",
             plots_dir / f"grid_{phase}.png",
+            confidence=confidence.numpy()[grid_rows].tolist(),
         )
     write_csv(pd.DataFrame(per_class), plots_dir / "per_class.csv")
     summary = side_by_side(scores["transfer"], scores["finetune"], len(test_rows))

@@ -97,7 +97,9 @@ def build_report(
             _confused_pairs(predictions),
             "",
         ]
-    lines += ["## Test predictions", ""]
+    lines += ["## Per class, worst first", ""]
+    lines += [_per_class(evaluate_dir / "per_class.csv"), ""]
+    lines += ["## Test predictions: the most confident errors, then a few correct", ""]
     lines += [
         f"![test predictions, {PHASE_TITLES[phase]}]({link(evaluate_dir / f'grid_{phase}.png')})"
         for phase in PHASE_STAGES
@@ -124,6 +126,26 @@ def _params_diff(current: Mapping[str, Any], defaults: Mapping[str, Any]) -> str
     if not rows:
         return "None: this run used the default params."
     return _table(["param", "value", "default"], rows)
+
+
+def _per_class(path: Path) -> str:
+    """Precision, recall, F1 and support of both phases per class, lowest phase-2 F1 first."""
+    table = pd.read_csv(path)
+    wide = table.pivot(index="class", columns="phase", values=["precision", "recall", "f1"])
+    support = table.groupby("class")["support"].first()
+    order = wide[("f1", "finetune")].sort_values(kind="stable").index
+    rows = [
+        [f"`{name}`"]
+        + [
+            f"{wide.loc[name, (m, phase)]:.3f}"
+            for m in ("precision", "recall", "f1")
+            for phase in PHASE_STAGES
+        ]
+        + [str(support[name])]
+        for name in order
+    ]
+    header = ["class"] + [f"{m} {n}" for m in ("precision", "recall", "F1") for n in ("1", "2")]
+    return _table([*header, "support"], rows)
 
 
 def _confused_pairs(predictions: pd.DataFrame, k: int = 5) -> str:

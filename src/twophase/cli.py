@@ -1,0 +1,105 @@
+"""The `twophase` command: use a trained checkpoint from the shell.
+
+    twophase predict models/finetune.pt photos/ --out preds.csv
+    twophase export models/finetune.pt --format onnx --out model.onnx
+    twophase params
+
+The DVC stages stay the way to train; this is what comes after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from twophase.errors import TwophaseError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twophase", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify image files with a checkpoint; write a CSV",
+        description="Classify images (files, folders searched recursively, or glob patterns) "
+        "with a checkpoint's own preprocessing; rows: path, predicted, probability, top-k.",
+    )
+    predict.add_argument("checkpoint", type=Path, help="e.g. models/finetune.pt")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, globs")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
+    export = commands.add_parser(
+        "export",
+        help="write the whole network as ONNX or TorchScript",
+        description="The whole network (backbone + head, eval mode, softmax output, dynamic "
+        "batch axis) with its class names and preprocessing in the file's metadata.",
+    )
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    export.add_argument("--out", type=Path, required=True)
+
+    params = commands.add_parser("params", help="print params.yaml validated, defaults filled in")
+    params.add_argument("file", nargs="?", type=Path, default=Path("params.yaml"))
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "export":
+            return _export(args)
+        return _params(args)
+    except TwophaseError as err:
+        print(f"twophase: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from twophase.io import write_csv
+    from twophase.predict import collect_images, predict_images, read_checkpoint
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise TwophaseError("--top-k and --batch-size must be at least 1")
+    model, checkpoint = read_checkpoint(args.checkpoint)
+    images, skipped = collect_images(args.paths)
+    for path, reason in skipped:
+        print(f"twophase: skipped {path}: {reason}", file=sys.stderr)
+    if not images:
+        raise TwophaseError("no image to classify among the given paths")
+    table = predict_images(
+        model,
+        checkpoint,
+        images,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    write_csv(table, args.out)
+    print(f"{len(table)} image(s) classified -> {args.out}; {len(skipped)} skipped")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from twophase.predict import export_model, read_checkpoint
+
+    model, checkpoint = read_checkpoint(args.checkpoint)
+    export_model(model, checkpoint, args.format, args.out)
+    print(f"{checkpoint['arch']} ({args.format}) -> {args.out}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from twophase.params import load_params, to_dict
+
+    print(json.dumps(to_dict(load_params(args.file)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Using a trained checkpoint: classify image files, export the whole network for serving.
+
+Both run the full network on raw images with the checkpoint's own preprocessing, in eval mode:
+the path a deployed model takes, as opposed to the feature cache the training stages read.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from twophase.batches import BatchOrder
+from twophase.checkpoint import load_checkpoint
+from twophase.datasets import IMAGE_EXTENSIONS
+from twophase.decode import unreadable_reason
+from twophase.errors import TwophaseError
+from twophase.images import ImageDataset, image_batches
+from twophase.io import atomic_path
+from twophase.model import Preprocessing
+from twophase.runtime import autocast, autocast_dtype, resolve_device
+
+CHECKPOINT_KEYS = ("arch", "state_dict", "classifier", "head", "class_names", "preprocessing")
+
+
+class PredictError(TwophaseError):
+    """A checkpoint or image path that cannot be used; the message says which and why."""
+
+
+def read_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's network in eval mode, or one line saying why it cannot be used."""
+    if not path.is_file():
+        raise PredictError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PredictError(f"{str(path)!r} is not a PyTorch checkpoint ({reason[:120]})") from None
+    if not isinstance(raw, dict) or any(key not in raw for key in CHECKPOINT_KEYS):
+        raise PredictError(
+            f"{str(path)!r} is not a twophase checkpoint (it lacks "
+            f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(raw, dict) or k not in raw)})"
+        )
+    model, checkpoint = load_checkpoint(path)
+    return model.eval(), checkpoint
+
+
+def collect_images(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files named by `paths` (files, folders searched recursively, glob patterns), and
+    the files skipped with the reason, in the order given."""
+    found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for given in paths:
+        if any(char in given for char in "*?[") and not Path(given).exists():
+            matches = sorted(Path(m) for m in glob.glob(given, recursive=True))
+            if not matches:
+                skipped.append((given, "no file matches this pattern"))
+            found += [m for m in matches if m.is_file()]
+        elif Path(given).is_dir():
+            files = sorted(p for p in Path(given).rglob("*") if p.is_file())
+            if not files:
+                skipped.append((given, "empty folder"))
+            found += files
+        elif Path(given).is_file():
+            found.append(Path(given))
+        else:
+            skipped.append((given, "no such file or folder"))
+    images = []
+    for path in dict.fromkeys(found):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append((str(path), "not an image file (by its extension)"))
+        elif (reason := unreadable_reason(path)) is not None:
+            skipped.append((str(path), reason))
+        else:
+            images.append(str(path))
+    return images, skipped
+
+
+def predict_images(
+    model: nn.Module,
+    checkpoint: dict[str, Any],
+    images: Sequence[str],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    device: str = "auto",
+) -> pd.DataFrame:
+    """One row per image: path, predicted class, its probability, the top-k with probabilities."""
+    where = resolve_device(device)
+    amp = autocast_dtype(where, "auto")
+    prep = Preprocessing(**checkpoint["preprocessing"]) if checkpoint["preprocessing"] else None
+    names: list[str] = checkpoint["class_names"]
+    k = max(1, min(top_k, len(names)))
+    dataset = ImageDataset(
+        images, [0] * len(images), checkpoint["image_size"], prep or Preprocessing()
+    )
+    model.to(where).eval()
+    rows: list[dict[str, Any]] = []
+    batches = image_batches(dataset, BatchOrder(len(dataset), batch_size, shuffle=False))
+    with torch.inference_mode(), tqdm(total=len(dataset), desc="predict", unit="img") as bar:
+        for batch, _ in batches:
+            with autocast(where, amp):
+                logits = model(batch.to(where))
+            probs = torch.softmax(logits.float(), dim=1).cpu()
+            values, indices = probs.topk(k, dim=1)
+            for value_row, index_row in zip(values.tolist(), indices.tolist(), strict=True):
+                row: dict[str, Any] = {
+                    "path": images[len(rows)],
+                    "predicted": names[index_row[0]],
+                    "probability": round(value_row[0], 6),
+                }
+                for rank, (value, index) in enumerate(zip(value_row, index_row, strict=True), 1):
+                    row[f"top{rank}"] = names[index]
+                    row[f"top{rank}_probability"] = round(value, 6)
+                rows.append(row)
+            bar.update(len(batch))
+    return pd.DataFrame(rows)
+
+
+class Probabilities(nn.Module):
+    """The network with a softmax on top: what an exported file computes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(images), dim=1)
+
+
+def export_metadata(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """What a serving process needs besides the weights, as strings (ONNX metadata_props)."""
+    prep = checkpoint["preprocessing"] or {}
+    size = int(checkpoint["image_size"])
+    return {
+        "twophase.arch": checkpoint["arch"],
+        "twophase.class_names": json.dumps(checkpoint["class_names"]),
+        "twophase.image_size": str(size),
+        "twophase.resize": str(round(size * prep.get("resize_ratio", 256 / 224))),
+        "twophase.mean": json.dumps(prep.get("mean", [0.485, 0.456, 0.406])),
+        "twophase.std": json.dumps(prep.get("std", [0.229, 0.224, 0.225])),
+        "twophase.interpolation": prep.get("interpolation", "bilinear"),
+        "twophase.input": "float32 NCHW, RGB scaled to [0, 1], resized, centre-cropped, normalised",
+        "twophase.output": "class probabilities (softmax), in the order of twophase.class_names",
+    }
+
+
+def export_model(model: nn.Module, checkpoint: dict[str, Any], fmt: str, out: Path) -> Path:
+    """The whole network (eval mode, dynamic batch axis) with its metadata, written atomically."""
+    network = Probabilities(model.eval().cpu()).eval()
+    size = int(checkpoint["image_size"])
+    example = torch.randn(2, 3, size, size)
+    metadata = export_metadata(checkpoint)
+    with atomic_path(out) as tmp:
+        if fmt == "onnx":
+            _export_onnx(network, example, metadata, tmp)
+        elif fmt == "torchscript":
+            with torch.inference_mode():
+                traced = torch.jit.trace(network, example)  # type: ignore[no-untyped-call]
+            torch.jit.save(traced, str(tmp), _extra_files={"twophase.json": json.dumps(metadata)})
+        else:
+            raise PredictError(f"--format: {fmt!r} is not allowed; expected onnx or torchscript")
+    return out
+
+
+def _export_onnx(
+    network: nn.Module, example: torch.Tensor, meta: dict[str, str], out: Path
+) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        network,
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_shapes={"images": {0: batch}},
+        opset_version=18,
+    )
+    if program is None:  # pragma: no cover - dynamo=True always returns the program
+        raise PredictError("ONNX export produced nothing")
+    proto = program.model_proto
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(out))
