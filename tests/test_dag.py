@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from modulefinder import ModuleFinder
-from pathlib import Path
-
 import pytest
 import yaml
 
+from scripts.dvc_deps import import_closure
 from tests.helpers import PROJECT
 
 DVC_YAML = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]
-
-
-def import_closure(script: Path) -> set[str]:
-    """Project files `script` imports, transitively (function-level imports included).
-
-    ModuleFinder searches only stages/ and src/, so third-party packages are never scanned.
-    """
-    finder = ModuleFinder(path=[str(PROJECT / "stages"), str(PROJECT / "src")])
-    finder.run_script(str(script))
-    files = {Path(m.__file__).resolve() for m in finder.modules.values() if m.__file__}
-    return {f.relative_to(PROJECT).as_posix() for f in files if f.is_relative_to(PROJECT)}
 
 
 def declared_code_deps(stage: dict) -> set[str]:
@@ -42,6 +29,7 @@ def test_code_deps_are_the_import_closure(name: str) -> None:
     declared = declared_code_deps(STAGES[name])
     assert declared == closure, (
         f"stage {name}: missing {sorted(closure - declared)}, extra {sorted(declared - closure)}"
+        " (python scripts/dvc_deps.py rewrites them)"
     )
 
 

@@ -62,7 +62,13 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
         ({"finetune": {"unfreeze": ["all", "layer4"]}}, r"finetune.unfreeze: \['all', 'layer4'\]"),
         ({"finetune": {"unfreeze": [0]}}, r"finetune.unfreeze: 0 is not allowed; expected an int"),
         ({"features": {"dtype": "int8"}}, r"features.dtype: 'int8' is not allowed; expected one"),
-        ({"model": {"dense_units": []}}, r"model.dense_units: \[\]"),
+        ({"model": {"dense_units": [-1]}}, r"model.dense_units: \[-1\]"),
+        ({"train_transfer": {"solver": "lbfgs"}}, r"train_transfer.solver: 'lbfgs' fits a linear"),
+        ({"finetune": {"optimizer": "rmsprop"}}, r"finetune.optimizer: 'rmsprop' is not allowed"),
+        ({"finetune": {"schedule": "step"}}, r"finetune.schedule: 'step' is not allowed"),
+        ({"finetune": {"lr_decay": 0}}, r"finetune.lr_decay: 0.0 is not allowed"),
+        ({"train_transfer": {"warmup_epochs": 50}}, r"train_transfer.warmup_epochs: 50"),
+        ({"finetune": {"label_smoothing": 1}}, r"finetune.label_smoothing: 1.0"),
         ({"model": {"dense_units": [0]}}, r"model.dense_units: \[0\]"),
         ({"model": {"dropout": 1.0}}, r"model.dropout: 1.0"),
         ({"model": {"arch": "res net"}}, r"model.arch: 'res net'"),
@@ -97,3 +103,12 @@ def test_invalid_yaml_is_a_params_error(tmp_path: Path) -> None:
     path.write_text("finetune: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(path)
+
+
+def test_params_file_lists_every_key_so_that_dvc_exp_run_set_param_reaches_it() -> None:
+    """`dvc exp run -S finetune.lr_decay=0.5` fails with DVC's "Could not override" unless the
+    key is in params.yaml: every param has its line there (values are the applied experiment's)."""
+    from twophase.params import flatten, to_dict
+
+    listed = flatten(read_yaml((PROJECT / "params.yaml").read_text()))
+    assert set(listed) == set(flatten(to_dict(Params())))

@@ -32,6 +32,9 @@ DATASETS = (
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BATCHNORM_MODES = ("frozen", "train")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+SOLVERS = ("sgd", "lbfgs")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 # Params that change how fast a stage runs, never what it writes: no stage depends on them.
 SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers")
@@ -68,10 +71,10 @@ class ModelParams:
         _check(bool(re.fullmatch(r"[\w.-]+", name)), "model.arch", self.arch, "a model name")
         _check(bool(self.weights.strip()), "model.weights", self.weights, "a weights name")
         _check(
-            len(self.dense_units) > 0 and all(u > 0 for u in self.dense_units),
+            all(u > 0 for u in self.dense_units),
             "model.dense_units",
             list(self.dense_units),
-            "a non-empty list of positive integers, e.g. [256]",
+            "a list of positive integers, e.g. [256], or [] for a linear head",
         )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
 
@@ -96,6 +99,13 @@ class PhaseParams:
     epochs: int = 50
     patience: int = 5
     batch_size: int = 128
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
 
     def _validate(self, section: str, min_epochs: int = 1) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"{section}.lr", self.lr, "a number > 0")
@@ -107,12 +117,33 @@ class PhaseParams:
         )
         _check(self.patience >= 1, f"{section}.patience", self.patience, "an integer >= 1")
         _check(self.batch_size >= 1, f"{section}.batch_size", self.batch_size, "an integer >= 1")
+        _check_choice(f"{section}.optimizer", self.optimizer, OPTIMIZERS)
+        _check(0 <= self.momentum < 1, f"{section}.momentum", self.momentum, "a number in [0, 1)")
+        _check(
+            self.weight_decay >= 0, f"{section}.weight_decay", self.weight_decay, "a number >= 0"
+        )
+        _check_choice(f"{section}.schedule", self.schedule, SCHEDULES)
+        _check(
+            0 <= self.warmup_epochs < max(1, self.epochs),
+            f"{section}.warmup_epochs",
+            self.warmup_epochs,
+            f"an integer in [0, {section}.epochs)",
+        )
+        _check(
+            0 <= self.label_smoothing < 1,
+            f"{section}.label_smoothing",
+            self.label_smoothing,
+            "a number in [0, 1)",
+        )
 
 
 @dataclass(frozen=True)
 class TransferParams(PhaseParams):
+    solver: str = "sgd"  # sgd: minibatches with `optimizer`; lbfgs: a linear probe, full batch
+
     def __post_init__(self) -> None:
         self._validate("train_transfer")
+        _check_choice("train_transfer.solver", self.solver, SOLVERS)
 
 
 @dataclass(frozen=True)
@@ -121,11 +152,13 @@ class FinetuneParams(PhaseParams):
     epochs: int = 15
     unfreeze: tuple[str, ...] = ("1",)  # the last block: layer4 for a ResNet
     batchnorm: str = "frozen"
+    lr_decay: float = 1.0  # each earlier unfrozen block: lr * lr_decay**k (the head: lr)
 
     def __post_init__(self) -> None:
         self._validate("finetune", min_epochs=0)  # 0: phase 1 alone, e.g. to diff the phases
         check_unfreeze(self.unfreeze)
         _check_choice("finetune.batchnorm", self.batchnorm, BATCHNORM_MODES)
+        _check(0 < self.lr_decay <= 1, "finetune.lr_decay", self.lr_decay, "a number in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -141,6 +174,10 @@ class Params:
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
+        if self.train_transfer.solver == "lbfgs" and self.model.dense_units:
+            raise ParamsError(
+                "train_transfer.solver: 'lbfgs' fits a linear head; set model.dense_units: []"
+            )
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch import nn
 
 from twophase import features
 from twophase.backbones import Tail, block_names, describe, set_trainable
@@ -24,9 +25,10 @@ from twophase.checkpoint import load_checkpoint, save_checkpoint
 from twophase.features import FeatureCacheError
 from twophase.io import write_csv
 from twophase.model import build_head, resolve_cut
+from twophase.optim import recipe_of
 from twophase.params import Params
 from twophase.runtime import autocast_dtype, resolve_device, seed_everything
-from twophase.train import EpochStats, FitResult, fit
+from twophase.train import EpochStats, FitResult, fit, fit_linear_probe
 
 
 def write_history(rows: list[EpochStats], path: Path) -> None:
@@ -62,18 +64,23 @@ def train_transfer(
         len(meta["class_names"]),
     )
     phase = params.train_transfer
-    result = fit(
-        head,
-        batches(*train, phase.batch_size, True, params.seed),
-        batches(*val, phase.batch_size, False, params.seed),
-        lr=phase.lr,
-        epochs=phase.epochs,
-        patience=phase.patience,
-        device=device,
-        amp_dtype=autocast_dtype(device, params.precision),
-        on_epoch=_history_writer(history_path),
-        desc="train_transfer",
-    )
+    if phase.solver == "lbfgs":  # a linear probe: full-batch L-BFGS, L2 chosen on val
+        result = fit_linear_probe(head, train, val, device, seed=params.seed)
+        write_history(result.history, history_path)
+    else:
+        result = fit(
+            head,
+            batches(*train, phase.batch_size, True, params.seed),
+            batches(*val, phase.batch_size, False, params.seed),
+            lr=phase.lr,
+            epochs=phase.epochs,
+            patience=phase.patience,
+            device=device,
+            amp_dtype=autocast_dtype(device, params.precision),
+            on_epoch=_history_writer(history_path),
+            desc="train_transfer",
+            recipe=recipe_of(phase),
+        )
     classifier = meta["classifier"]
     head_state = {f"{classifier}.{key}": value for key, value in head.cpu().state_dict().items()}
     save_checkpoint(
@@ -127,6 +134,7 @@ def finetune(
     else:
         tail = Tail(model, family, cut, freeze_batchnorm=phase.batchnorm == "frozen")
         set_trainable(model, tail)
+        groups, scales = discriminative_groups(tail, block_names(model, family), phase.lr_decay)
         nhwc = meta["layout"] == "nchw"
         train = features.load_activations(activations_dir, "train")
         val = features.load_activations(activations_dir, "val")
@@ -143,6 +151,9 @@ def finetune(
             validate_start=True,
             on_epoch=_history_writer(history_path),
             desc="finetune",
+            recipe=recipe_of(phase),
+            param_groups=groups,
+            lr_scales=scales,
         )
         if result.kept_starting_weights:
             print("finetune: no epoch beat phase 1 on validation loss; kept phase 1's weights")
@@ -159,6 +170,24 @@ def finetune(
         last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
     )
     return result
+
+
+def discriminative_groups(
+    tail: Tail, blocks: list[str], decay: float
+) -> tuple[list[list[nn.Parameter]], list[float]]:
+    """Parameter groups for phase 2: the head (and what follows the blocks) at the phase's LR,
+    each earlier unfrozen block at lr * decay**k. One group when decay is 1."""
+    trainable = [p for p in tail.parameters() if p.requires_grad]
+    if decay == 1.0 or tail.first is None:
+        return [trainable], [1.0]
+    unfrozen = [step for step in tail.steps if step in blocks]
+    block_params = [
+        [p for p in tail.model.get_submodule(name).parameters() if p.requires_grad]
+        for name in reversed(unfrozen)
+    ]
+    in_blocks = {id(p) for group in block_params for p in group}
+    rest = [p for p in trainable if id(p) not in in_blocks]
+    return [rest, *block_params], [1.0] + [decay ** (k + 1) for k in range(len(block_params))]
 
 
 def finetune_summary(result: FitResult) -> dict[str, float | int | bool]:

@@ -46,7 +46,8 @@ def plot_curves(
                 label=f"{subset} ({PHASE_TITLES.get(phase, phase)})",
             )
         if phase == "finetune":
-            ax.axvline(epochs[0] - 0.5, color="grey", linewidth=1, linestyle=":")
+            # phase 2's first row is its starting point: phase 1's weights, where phase 1 ended
+            ax.axvline(epochs[0], color="grey", linewidth=1, linestyle=":")
     ax.set_xlabel("epoch")
     ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}.get(metric, metric))
     ax.set_title(f"{metric}: train and validation")

@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from twophase.errors import TwophaseError
 from twophase.model import trainable_parameters
+from twophase.optim import Recipe, make_optimizer, set_epoch_lr
 from twophase.runtime import autocast
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -33,6 +35,7 @@ class EpochStats:
     train_acc: float
     val_loss: float
     val_acc: float
+    lr: float = 0.0  # the head's learning rate in this epoch (0: no training step, epoch 0)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class FitResult:
     best_val_acc: float = 0.0
     stopped_early: bool = False
     wall_seconds: float = 0.0
+    l2: float | None = None  # the linear probe's chosen penalty
     start_epoch: int | None = None  # set when the starting weights were validated as a candidate
 
     @property
@@ -62,6 +66,7 @@ class FitResult:
             "epochs_run": self.epochs_run,
             "stopped_early": self.stopped_early,
             "wall_seconds": round(self.wall_seconds, 2),
+            **({"l2": self.l2} if self.l2 is not None else {}),
         }
 
     def history_rows(self) -> list[dict[str, float | int]]:
@@ -83,6 +88,7 @@ def run_epoch(
     amp_dtype: torch.dtype | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[float, float]:
     """One pass over `batches`; trains when an optimizer is given. Returns (mean loss, accuracy)."""
     training = optimizer is not None
@@ -94,7 +100,9 @@ def run_epoch(
             labels = labels.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(inputs)
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+            loss = nn.functional.cross_entropy(
+                logits.float(), labels, label_smoothing=label_smoothing if training else 0.0
+            )
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -126,6 +134,9 @@ def fit(
     validate_start: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
     desc: str = "train",
+    recipe: Recipe | None = None,
+    param_groups: list[list[nn.Parameter]] | None = None,
+    lr_scales: list[float] | None = None,
 ) -> FitResult:
     """Train until `epochs` or `patience` epochs without a better val loss; keep the best weights.
 
@@ -133,9 +144,13 @@ def fit(
     not training stopped early. With `validate_start`, the starting weights are scored first (as
     epoch `first_epoch - 1`, both losses in eval mode) and are a candidate like any epoch: if no
     epoch beats them, the model is handed back unchanged.
+
+    `recipe` chooses the optimizer and the per-epoch LR schedule (default: Adam at `lr`);
+    `param_groups` with `lr_scales` give groups their own LR (phase 2's discriminative LRs).
     """
+    recipe = recipe or Recipe(lr=lr)
     model.to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=lr)
+    optimizer = make_optimizer(param_groups or [trainable_parameters(model)], recipe, lr_scales)
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     result = FitResult()
@@ -172,9 +187,12 @@ def fit(
         record(EpochStats(result.start_epoch, *train_scores, *val_scores))
     bar = tqdm(range(first_epoch, first_epoch + epochs), desc=desc, unit="epoch", leave=False)
     for epoch in bar:
-        train_scores = run_epoch(model, train_batches, device, amp_dtype, optimizer, scaler)
+        epoch_lr = set_epoch_lr(optimizer, recipe, epoch - first_epoch, epochs)
+        train_scores = run_epoch(
+            model, train_batches, device, amp_dtype, optimizer, scaler, recipe.label_smoothing
+        )
         val_scores = run_epoch(model, val_batches, device, amp_dtype)
-        improved = record(EpochStats(epoch, *train_scores, *val_scores))
+        improved = record(EpochStats(epoch, *train_scores, *val_scores, epoch_lr))
         if not improved and epoch - result.best_epoch >= patience:
             result.stopped_early = True
             break
@@ -201,3 +219,64 @@ def predict(
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
             labels.append(targets)
     return torch.cat(probs), torch.cat(labels)
+
+
+L2_GRID = tuple(10.0**k for k in range(-6, 3))  # 1e-6 ... 1e2
+
+
+def fit_linear_probe(
+    head: nn.Sequential,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    device: torch.device,
+    seed: int = 0,
+    max_iter: int = 200,
+) -> FitResult:
+    """A linear head by full-batch L-BFGS on the cached embeddings, for each L2 penalty in
+    `L2_GRID`; the one with the lowest validation loss is kept (Kornblith et al.'s protocol)."""
+    linear = head[-1]
+    if len(head) != 1 or not isinstance(linear, nn.Linear):
+        raise TwophaseError(
+            "train_transfer.solver: 'lbfgs' fits a linear head; set model.dense_units: []"
+        )
+    x, y = (torch.as_tensor(np.asarray(a)).to(device) for a in train)
+    vx, vy = (torch.as_tensor(np.asarray(a)).to(device) for a in val)
+    start = time.perf_counter()
+    result = FitResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    head.to(device)
+    for l2 in L2_GRID:
+        torch.manual_seed(seed)
+        linear.reset_parameters()
+        optimizer = torch.optim.LBFGS(
+            linear.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe"
+        )
+
+        def closure(optimizer: torch.optim.Optimizer = optimizer, l2: float = l2) -> torch.Tensor:
+            optimizer.zero_grad()
+            penalty = 0.5 * l2 * linear.weight.square().sum()
+            loss = nn.functional.cross_entropy(linear(x), y) + penalty
+            loss.backward()  # type: ignore[no-untyped-call]
+            return loss
+
+        optimizer.step(closure)  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            logits, val_logits = linear(x), linear(vx)
+            val_loss = float(nn.functional.cross_entropy(val_logits, vy))
+        if math.isfinite(val_loss) and val_loss < result.best_val_loss:
+            result.best_val_loss, result.l2, result.best_epoch = val_loss, l2, 1
+            result.best_val_acc = float((val_logits.argmax(1) == vy).float().mean())
+            train_loss = float(nn.functional.cross_entropy(logits, y))
+            train_acc = float((logits.argmax(1) == y).float().mean())
+            best_state = {k: v.detach().clone() for k, v in linear.state_dict().items()}
+    if best_state is None:
+        raise NonFiniteLossError("train_transfer: L-BFGS diverged for every L2 penalty")
+    linear.load_state_dict(best_state)
+    result.history = [
+        EpochStats(1, train_loss, train_acc, result.best_val_loss, result.best_val_acc, 0.0)
+    ]
+    result.wall_seconds = time.perf_counter() - start
+    tqdm.write(
+        f"train_transfer: linear probe, L2 {result.l2:g}, val loss {result.best_val_loss:.4f}"
+    )
+    return result

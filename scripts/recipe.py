@@ -1,0 +1,38 @@
+"""Print a recipe's `dvc exp run` arguments: `-S key=value` for each of its params.
+
+    dvc exp run -n recipe-strong $(python scripts/recipe.py recipes/strong.yaml)
+    make recipe R=strong        # the same, and lists the recipes when R is missing
+
+A recipe is a YAML file with a one-line `purpose` and `params` (dotted keys as `-S` takes them).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def recipe_args(path: Path) -> list[str]:
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("params"), dict):
+        raise SystemExit(f"{path}: a recipe needs `purpose:` and a `params:` mapping")
+    args = []
+    for key, value in recipe["params"].items():
+        args += ["-S", f"{key}={value}"]
+    return args
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
+        for path in sorted(Path("recipes").glob("*.yaml")):
+            purpose = yaml.safe_load(path.read_text(encoding="utf-8")).get("purpose", "")
+            print(f"{path.stem:14s} {purpose}", file=sys.stderr)
+        raise SystemExit("usage: python scripts/recipe.py recipes/<name>.yaml")
+    print(" ".join(shlex.quote(arg) for arg in recipe_args(Path(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Issue H: optimizers, schedules, discriminative LRs and the linear probe, by mechanism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import PROJECT
+from tests.test_train import separable_embeddings, tiny_network
+from twophase.batches import array_batches
+from twophase.model import build_head
+from twophase.optim import Recipe, lr_factor
+from twophase.phases import discriminative_groups
+from twophase.train import fit, fit_linear_probe, run_epoch
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "expected"),
+    [
+        ("constant", 0, [1, 1, 1, 1]),
+        ("constant", 2, [1 / 3, 2 / 3, 1, 1]),
+        ("cosine", 0, [1, 0.853553, 0.5, 0.146447]),
+        ("cosine", 1, [0.5, 1, 0.75, 0.25]),
+    ],
+)
+def test_lr_factor_follows_the_schedule(schedule: str, warmup: int, expected: list[float]) -> None:
+    assert [round(lr_factor(e, 4, schedule, warmup), 6) for e in range(4)] == pytest.approx(
+        expected, abs=1e-6
+    )
+
+
+def test_onecycle_rises_then_anneals_to_almost_nothing() -> None:
+    factors = [lr_factor(e, 10, "onecycle") for e in range(10)]
+    peak = int(np.argmax(factors))
+    assert factors[0] == pytest.approx(1 / 25) and peak == 3 and factors[peak] == 1
+    assert all(a > b for a, b in zip(factors[peak:], factors[peak + 1 :], strict=False))
+    assert factors[-1] < 0.05
+
+
+def test_the_history_records_each_epochs_lr() -> None:
+    torch.manual_seed(0)
+    x, y = separable_embeddings(64)
+    result = fit(
+        build_head(8, [16], 0.0, 3),
+        array_batches(x, y, 16, True),
+        array_batches(x, y, 64),
+        lr=0.01,
+        epochs=4,
+        patience=10,
+        device=CPU,
+        recipe=Recipe(lr=0.01, optimizer="adamw", weight_decay=0.01, schedule="cosine"),
+    )
+    assert [round(row.lr, 6) for row in result.history] == [0.01, 0.008536, 0.005, 0.001464]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_each_optimizer_trains(optimizer: str) -> None:
+    torch.manual_seed(0)
+    x, y = separable_embeddings(96)
+    head = build_head(8, [16], 0.0, 3)
+    before, _ = run_epoch(head, array_batches(x, y, 96), CPU)
+    recipe = Recipe(lr=0.05, optimizer=optimizer, nesterov=optimizer == "sgd", weight_decay=1e-4)
+    result = fit(
+        head,
+        array_batches(x, y, 16, True),
+        array_batches(x, y, 96),
+        lr=0.05,
+        epochs=5,
+        patience=5,
+        device=CPU,
+        recipe=recipe,
+        desc=optimizer,
+    )
+    assert result.best_val_loss < before
+
+
+def test_label_smoothing_changes_the_training_loss_not_the_validation_loss() -> None:
+    x, y = separable_embeddings(64)
+    runs = {}
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        head = build_head(8, [16], 0.0, 3)
+        runs[smoothing] = fit(
+            head,
+            array_batches(x, y, 64),
+            array_batches(x, y, 64),
+            lr=1e-9,
+            epochs=1,
+            patience=1,
+            device=CPU,
+            recipe=Recipe(lr=1e-9, label_smoothing=smoothing),
+        )
+    plain, smooth = runs[0.0].history[0], runs[0.2].history[0]
+    assert smooth.train_loss != pytest.approx(plain.train_loss, abs=1e-4)
+    assert smooth.val_loss == pytest.approx(plain.val_loss, abs=1e-6)
+
+
+def test_discriminative_lrs_give_earlier_blocks_smaller_lrs() -> None:
+    tail = tiny_network(first="layer3")
+    groups, scales = discriminative_groups(tail, ["layer1", "layer2", "layer3", "layer4"], 0.5)
+    assert scales == [1.0, 0.5, 0.25]
+    layer4 = {id(p) for p in tail.model.layer4.parameters()}
+    layer3 = {id(p) for p in tail.model.layer3.parameters()}
+    head = {id(p) for p in tail.model.fc.parameters()}
+    assert {id(p) for p in groups[1]} == layer4 and {id(p) for p in groups[2]} == layer3
+    assert {id(p) for p in groups[0]} == head
+    one, same = discriminative_groups(tail, ["layer1", "layer2", "layer3", "layer4"], 1.0)
+    assert same == [1.0] and len(one[0]) == sum(len(g) for g in groups)
+
+
+def test_linear_probe_beats_or_matches_adam_on_the_same_embeddings() -> None:
+    every, labels = separable_embeddings(180, dim=16, seed=3)
+    x, y, vx, vy = every[:120], labels[:120], every[120:], labels[120:]
+    torch.manual_seed(0)
+    adam = fit(
+        build_head(16, [], 0.0, 3),
+        array_batches(x, y, 32, True),
+        array_batches(vx, vy, 60),
+        lr=1e-3,
+        epochs=30,
+        patience=30,
+        device=CPU,
+    )
+    probe = fit_linear_probe(build_head(16, [], 0.0, 3), (x, y), (vx, vy), CPU)
+    assert probe.l2 is not None and probe.best_val_loss <= adam.best_val_loss
+    assert isinstance(build_head(16, [], 0.0, 3)[0], nn.Linear)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (PROJECT / "recipes").glob("*.yaml")))
+def test_every_recipe_is_valid_params(recipe: str) -> None:
+    import yaml
+
+    from scripts.recipe import recipe_args
+    from twophase.params import Params, parse_params, read_yaml, to_dict
+
+    path = PROJECT / "recipes" / f"{recipe}.yaml"
+    assert yaml.safe_load(path.read_text())["purpose"].strip()
+    args = recipe_args(path)
+    raw = to_dict(Params())
+    for key, value in (arg.split("=", 1) for arg in args[1::2]):
+        section, name = key.split(".")
+        raw[section][name] = read_yaml(value)
+    parse_params(raw)  # every key exists and every value is allowed
