@@ -53,4 +53,4 @@ bench:
 
 recipe:
 	@$(BIN)/python scripts/recipe.py recipes/$(R).yaml >/dev/null
-	$(BIN)/dvc exp run -n recipe-$(R) $(RECIPE_ARGS) $$($(BIN)/python scripts/recipe.py recipes/$(R).yaml)
+	set -f; $(BIN)/dvc exp run -n recipe-$(R) $(RECIPE_ARGS) $$($(BIN)/python scripts/recipe.py recipes/$(R).yaml)

@@ -8,7 +8,6 @@ A recipe is a YAML file with a one-line `purpose` and `params` (dotted keys as `
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 
@@ -31,7 +30,10 @@ def main() -> None:
             purpose = yaml.safe_load(path.read_text(encoding="utf-8")).get("purpose", "")
             print(f"{path.stem:14s} {purpose}", file=sys.stderr)
         raise SystemExit("usage: python scripts/recipe.py recipes/<name>.yaml")
-    print(" ".join(shlex.quote(arg) for arg in recipe_args(Path(sys.argv[1]))))
+    args = recipe_args(Path(sys.argv[1]))
+    if any(char.isspace() for arg in args for char in arg):
+        raise SystemExit(f"{sys.argv[1]}: values with spaces cannot be passed through the shell")
+    print(" ".join(args))  # word-split by the caller's shell (the Makefile disables globbing)
 
 
 if __name__ == "__main__":
