@@ -69,8 +69,9 @@ def build_report(
         _table(
             ["", PHASE_TITLES["transfer"], PHASE_TITLES["finetune"]],
             [
-                [key.replace("_", " ")] + [str(training[phase][key]) for phase in PHASE_STAGES]
-                for key in training["transfer"]
+                [key.replace("_", " ")]
+                + [str(training[phase].get(key, "")) for phase in PHASE_STAGES]
+                for key in dict.fromkeys([*training["transfer"], *training["finetune"]])
             ],
         ),
         "",
