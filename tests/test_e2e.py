@@ -383,3 +383,16 @@ def test_every_family_runs_the_whole_dag_in_a_temp_experiment(repo: Path, arch: 
     table = run(repo, "dvc", "exp", "show", "--csv", "--keep", "finetune.accuracy")
     row = next(line for line in table.splitlines() if line.startswith(f"{name},"))
     assert re.search(r",0\.\d+", row), row
+
+
+def test_a_recipe_runs_as_a_dvc_experiment(repo: Path) -> None:
+    """The linear-probe recipe's overrides through `dvc exp run -S` (what `make recipe` does)."""
+    from scripts.recipe import recipe_args
+
+    args = recipe_args(PROJECT / "recipes" / "linear-probe.yaml")
+    output = run(repo, "dvc", "exp", "run", "--temp", "-n", "probe", *args)
+    assert {"train_transfer", "finetune", "evaluate", "report"} <= ran(output), output[-2000:]
+    assert "linear probe, L2" in output
+    table = run(repo, "dvc", "exp", "show", "--csv")
+    row = next(line for line in table.splitlines() if line.startswith("probe,"))
+    assert ",lbfgs," in row and ",[]," in row, row
