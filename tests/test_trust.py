@@ -82,9 +82,9 @@ def test_disk_too_small_for_the_feature_cache(
 ) -> None:
     usage = type("usage", (), {"free": 2**30})
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
-    check_free_space(tmp_path, values=2**28)  # exactly 1 GiB of float32: fits
+    check_free_space(tmp_path, needed=2**30)  # exactly 1 GiB: fits
     with pytest.raises(FeatureCacheError, match=r"needs 4.00 GiB in .* only 1.00 GiB is free"):
-        check_free_space(tmp_path, values=2**30)
+        check_free_space(tmp_path, needed=2**32)
 
 
 def test_feature_cache_cut_elsewhere_is_one_line(tmp_path: Path) -> None:
@@ -203,3 +203,37 @@ def test_negative_seed_fails_the_first_stage_in_one_line(tmp_path: Path) -> None
     assert done.stderr.strip().splitlines() == [
         "twophase: error: seed: -3 is not allowed; expected an integer in [0, 2**32)"
     ]
+
+
+def test_the_disk_check_counts_the_cache_in_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enough room for the cache itself is enough: the check must not overcount it."""
+    import copy
+
+    from tests.helpers import make_imagefolder
+    from twophase.features import FrozenTrunk, extract
+    from twophase.model import Preprocessing
+
+    root = make_imagefolder(tmp_path / "images", classes=("a", "b"), train=3, test=0)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    tail = tiny_network(classes=2)
+
+    def run(out: Path) -> int:
+        extract(
+            FrozenTrunk(copy.deepcopy(tail.model), tail.family, "layer4"),
+            {"train": (paths, [0, 0, 0, 1, 1, 1])},
+            out / "embeddings",
+            out / "activations",
+            image_size=32,
+            prep=Preprocessing(),
+            batch_size=4,
+            num_workers=0,
+            device=CPU,
+        )
+        return sum(p.stat().st_size for p in out.rglob("*.npy"))
+
+    written = run(tmp_path / "first")
+    usage = type("usage", (), {"free": written})  # room for exactly what is written
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
+    assert run(tmp_path / "second") == written

@@ -157,10 +157,10 @@ def output_shapes(
     return tuple(activations.shape[1:]), tuple(embeddings.shape[1:])
 
 
-def check_free_space(folder: Path, values: int, itemsize: int = 4) -> None:
-    """Fail before any work when the cache cannot fit on the disk it is written to."""
+def check_free_space(folder: Path, needed: int) -> None:
+    """Fail before any work when the cache (`needed` bytes) cannot fit on the disk it goes to."""
     folder.mkdir(parents=True, exist_ok=True)
-    needed, free = values * itemsize, shutil.disk_usage(folder).free
+    free = shutil.disk_usage(folder).free
     if needed > free:
         raise FeatureCacheError(
             f"the feature cache needs {_gib(needed)} in {folder}/ but only {_gib(free)} is free "
