@@ -73,12 +73,17 @@ def build_network(checkpoint: dict[str, Any]) -> nn.Module:
     return model
 
 
+def network_of(checkpoint: dict[str, Any]) -> nn.Module:
+    """The checkpoint's network with its trained weights."""
+    model = build_network(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """A saved network, ready for inference or more training, and its metadata."""
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_network(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model, checkpoint
+    return network_of(checkpoint), checkpoint
 
 
 def cached_input_model(model: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:

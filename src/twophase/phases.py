@@ -113,7 +113,8 @@ def finetune(
     device = resolve_device(params.device)
     model, start = load_checkpoint(transfer_checkpoint)
     family = describe(model, start["arch"])
-    cut = resolve_cut(start["arch"], block_names(model, family), params.finetune.unfreeze)
+    blocks = block_names(model, family)
+    cut = resolve_cut(start["arch"], blocks, params.finetune.unfreeze)
     meta = features.load_meta(activations_dir)
     if meta["cut"] != cut:
         raise FeatureCacheError(
@@ -134,7 +135,7 @@ def finetune(
     else:
         tail = Tail(model, family, cut, freeze_batchnorm=phase.batchnorm == "frozen")
         set_trainable(model, tail)
-        groups, scales = discriminative_groups(tail, block_names(model, family), phase.lr_decay)
+        groups, scales = discriminative_groups(tail, blocks, phase.lr_decay)
         nhwc = meta["layout"] == "nchw"
         train = features.load_activations(activations_dir, "train")
         val = features.load_activations(activations_dir, "val")

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from twophase.batches import BatchOrder
-from twophase.checkpoint import load_checkpoint
+from twophase.checkpoint import network_of
 from twophase.datasets import IMAGE_EXTENSIONS
 from twophase.decode import unreadable_reason
 from twophase.errors import TwophaseError
@@ -48,8 +48,12 @@ def read_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{str(path)!r} is not a twophase checkpoint (it lacks "
             f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(raw, dict) or k not in raw)})"
         )
-    model, checkpoint = load_checkpoint(path)
-    return model.eval(), checkpoint
+    return network_of(raw).eval(), raw
+
+
+def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:
+    """The checkpoint's preprocessing (the defaults where it stored none: untrained weights)."""
+    return Preprocessing(**(checkpoint["preprocessing"] or {}))
 
 
 def collect_images(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -95,12 +99,10 @@ def predict_images(
     """One row per image: path, predicted class, its probability, the top-k with probabilities."""
     where = resolve_device(device)
     amp = autocast_dtype(where, "auto")
-    prep = Preprocessing(**checkpoint["preprocessing"]) if checkpoint["preprocessing"] else None
     names: list[str] = checkpoint["class_names"]
     k = max(1, min(top_k, len(names)))
-    dataset = ImageDataset(
-        images, [0] * len(images), checkpoint["image_size"], prep or Preprocessing()
-    )
+    prep = preprocessing_of(checkpoint)
+    dataset = ImageDataset(images, [0] * len(images), checkpoint["image_size"], prep)
     model.to(where).eval()
     rows: list[dict[str, Any]] = []
     batches = image_batches(dataset, BatchOrder(len(dataset), batch_size, shuffle=False))
@@ -137,16 +139,16 @@ class Probabilities(nn.Module):
 
 def export_metadata(checkpoint: dict[str, Any]) -> dict[str, str]:
     """What a serving process needs besides the weights, as strings (ONNX metadata_props)."""
-    prep = checkpoint["preprocessing"] or {}
+    prep = preprocessing_of(checkpoint)
     size = int(checkpoint["image_size"])
     return {
         "twophase.arch": checkpoint["arch"],
         "twophase.class_names": json.dumps(checkpoint["class_names"]),
         "twophase.image_size": str(size),
-        "twophase.resize": str(round(size * prep.get("resize_ratio", 256 / 224))),
-        "twophase.mean": json.dumps(prep.get("mean", [0.485, 0.456, 0.406])),
-        "twophase.std": json.dumps(prep.get("std", [0.229, 0.224, 0.225])),
-        "twophase.interpolation": prep.get("interpolation", "bilinear"),
+        "twophase.resize": str(round(size * prep.resize_ratio)),
+        "twophase.mean": json.dumps(list(prep.mean)),
+        "twophase.std": json.dumps(list(prep.std)),
+        "twophase.interpolation": prep.interpolation,
         "twophase.input": "float32 NCHW, RGB scaled to [0, 1], resized, centre-cropped, normalised",
         "twophase.output": "class probabilities (softmax), in the order of twophase.class_names",
     }
