@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import torch
@@ -43,7 +44,6 @@ class Family:
     after: tuple[str, ...]
     classifier: str
     layout: Layout
-    recommended_unfreeze: str
     head_modules: tuple[str, ...] = ()  # timm: the top-level modules `forward_head` runs
 
     def matches(self, arch: str) -> bool:
@@ -75,7 +75,6 @@ FAMILIES = (
         ("avgpool", "flatten"),
         "fc",
         "nchw",
-        "[layer4]",
     ),
     Family(
         "RegNet X and Y",
@@ -84,7 +83,6 @@ FAMILIES = (
         ("avgpool", "flatten"),
         "fc",
         "nchw",
-        "[trunk_output.block4]",
     ),
     Family(
         "ConvNeXt",
@@ -93,7 +91,6 @@ FAMILIES = (
         ("avgpool", "classifier.0", "classifier.1"),
         "classifier.2",
         "nchw",
-        "[features.7]",
     ),
     Family(
         "EfficientNet and EfficientNetV2",
@@ -102,7 +99,6 @@ FAMILIES = (
         ("avgpool", "flatten", "classifier.0"),
         "classifier.1",
         "nchw",
-        "2 (the last stage and the final 1x1 conv)",
     ),
     Family(
         "MobileNetV3",
@@ -111,7 +107,6 @@ FAMILIES = (
         ("avgpool", "flatten", "classifier.0", "classifier.1", "classifier.2"),
         "classifier.3",
         "nchw",
-        "2",
     ),
     Family(
         "ViT",
@@ -120,7 +115,6 @@ FAMILIES = (
         ("encoder.ln", "class_token"),
         "heads.head",
         "tokens",
-        "[encoder.layers.encoder_layer_11] (ViT-B)",
     ),
     Family(
         "Swin and Swin V2",
@@ -129,7 +123,6 @@ FAMILIES = (
         ("norm", "permute", "avgpool", "flatten"),
         "head",
         "nhwc",
-        "[features.7]",
     ),
 )
 
@@ -138,12 +131,13 @@ class ArchError(ValueError):
     """model.arch names no supported model (subclassed by the params error type in model.py)."""
 
 
-def supported_archs() -> list[str]:
+@cache
+def supported_archs() -> tuple[str, ...]:
     """torchvision's classification models of the supported families, by name."""
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
-    return [name for name in names if any(f.matches(name) for f in FAMILIES)]
+    return tuple(name for name in names if any(f.matches(name) for f in FAMILIES))
 
 
 def family_of(arch: str, check: bool = False) -> Family:
@@ -186,7 +180,6 @@ def timm_family(model: nn.Module, arch: str) -> Family:
         tuple(order),
         classifier,
         "native",
-        "1",
         head_modules,
     )
 

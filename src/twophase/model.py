@@ -113,7 +113,6 @@ def check_arch(arch: str) -> None:
 def model_kwargs(arch: str, weights: str, image_size: int) -> dict[str, Any]:
     """Builder arguments beyond the name: a ViT is built for the size its weights were trained
     at (as torchvision's own builder does), an untrained one for `image_size`."""
-    check_arch(arch)
     if is_timm(arch) or family_of(arch).layout != "tokens":
         return {}
     enum = weights_enum(arch, weights)
