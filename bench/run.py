@@ -37,16 +37,7 @@ sys.path.insert(0, str(BENCH))
 from notebook import run_notebook  # noqa: E402
 from synth import make_imagefolder  # noqa: E402
 
-STAGES = (
-    "download",
-    "index",
-    "split",
-    "features",
-    "train_transfer",
-    "finetune",
-    "evaluate",
-    "report",
-)
+STAGES = tuple(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"])  # DAG order
 
 
 def copy_project(target: Path) -> None:

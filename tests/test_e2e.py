@@ -36,17 +36,7 @@ TRACKED_RESULTS = (
     "plots/finetune/history.csv",
     "plots/evaluate/predictions_finetune.csv",
 )
-STAGES = (
-    "download",
-    "index",
-    "split",
-    "features",
-    "train_transfer",
-    "finetune",
-    "evaluate",
-    "export",
-    "report",
-)
+STAGES = tuple(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"])
 
 
 def project_files() -> list[str]:
