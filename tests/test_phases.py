@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -36,14 +37,20 @@ def tiny_params(**overrides: dict) -> Params:
     return parse_params(raw)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("phases")
-    make_imagefolder(root / "images", classes=("a", "b", "c"), train=8, test=3)
+def cached_imagefolder(root: Path, test: int = 3) -> tuple[Params, pd.DataFrame]:
+    """A tiny 3-class imagefolder under root/images, split and cached as the stages do."""
+    make_imagefolder(root / "images", classes=("a", "b", "c"), train=8, test=test)
     params = tiny_params()
     split = split_index(build_index("imagefolder", root / "images"), 0.25, params.seed)
     split.to_csv(root / "split.csv", index=False)
     features.extract_features(params, split, root / "embeddings", root / "activations")
+    return params, split
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phases")
+    cached_imagefolder(root)
     return root
 
 
@@ -98,8 +105,6 @@ def test_finetune_continues_from_phase_one_and_evaluate_scores_both(workdir: Pat
         block_a = network.get_submodule(name).state_dict()
         block_b = phase1.get_submodule(name).state_dict()
         assert all(torch.equal(block_a[k], block_b[k]) for k in block_a), name
-    import pandas as pd
-
     summary = evaluate(
         params,
         embeddings,

@@ -14,26 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import make_imagefolder, write_image
-from tests.test_phases import tiny_params
-from twophase import features
+from tests.helpers import write_image
+from tests.test_phases import cached_imagefolder
 from twophase.cli import main
-from twophase.datasets import build_index
 from twophase.evaluation import evaluate
 from twophase.phases import finetune, train_transfer
 from twophase.predict import export_model, predict_images, read_checkpoint
-from twophase.split import split_index
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny imagefolder run through every stage function, as `dvc repro` does."""
     root = tmp_path_factory.mktemp("predict")
-    make_imagefolder(root / "images", classes=("a", "b", "c"), train=8, test=4)
-    params = tiny_params()
-    split = split_index(build_index("imagefolder", root / "images"), 0.25, params.seed)
-    split.to_csv(root / "split.csv", index=False)
-    features.extract_features(params, split, root / "embeddings", root / "activations")
+    params, split = cached_imagefolder(root, test=4)
     train_transfer(params, root / "embeddings", root / "transfer.pt", root / "t.csv")
     finetune(
         params, root / "activations", root / "transfer.pt", root / "finetune.pt", root / "f.csv"
