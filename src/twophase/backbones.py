@@ -285,6 +285,50 @@ class Tail(nn.Module):
         return self
 
 
+class _Reached(Exception):
+    def __init__(self, activation: torch.Tensor) -> None:
+        self.activation = activation
+
+
+class Streamed(nn.Module):
+    """The whole network on images: what the activations cache stands for, computed anew.
+
+    The frozen part runs without gradient (and in eval mode: `Tail.train` keeps it there) up to
+    the tail's first block, where the forward pass is stopped; the tail then runs as on cached
+    activations, so both paths compute the same function.
+    """
+
+    def __init__(self, tail: Tail) -> None:
+        super().__init__()
+        self.tail, self._stopping = tail, False
+        if tail.first is not None:
+            tail.model.get_submodule(tail.first).register_forward_pre_hook(self._stop)
+
+    def _stop(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if self._stopping:
+            raise _Reached(args[0])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.tail.first is None:
+            return self.tail(images)  # type: ignore[no-any-return]
+        self._stopping = True
+        try:
+            with torch.no_grad():
+                self.tail.model(images)
+        except _Reached as reached:
+            activation = reached.activation
+        else:  # pragma: no cover - guards the family table
+            raise RuntimeError(f"block {self.tail.first} was never reached")
+        finally:
+            self._stopping = False
+        return self.tail(activation)  # type: ignore[no-any-return]
+
+    def train(self, mode: bool = True) -> Streamed:
+        self.tail.train(mode)
+        self.training = mode
+        return self
+
+
 def set_trainable(model: nn.Module, tail: Tail) -> None:
     """requires_grad on the tail's modules only: the frozen part gets no gradient."""
     model.requires_grad_(False)

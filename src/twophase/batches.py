@@ -41,16 +41,44 @@ class ArrayBatches:
 
     Each batch reads only its own rows (one fancy-indexed copy); a memory-mapped file is read
     front to back within a batch because the indices are sorted.
+
+    With `views` (K augmented views of every row, shaped (K, N, ...)), `set_epoch(e)` draws for
+    every row one of its K + 1 views (0: `inputs`, the plain view), seeded by (seed, e).
     """
 
     def __init__(
-        self, inputs: np.ndarray, labels: np.ndarray, order: BatchOrder, nhwc: bool = False
+        self,
+        inputs: np.ndarray,
+        labels: np.ndarray,
+        order: BatchOrder,
+        nhwc: bool = False,
+        views: np.ndarray | None = None,
+        seed: int = 0,
     ) -> None:
         self.inputs, self.labels, self.order, self.nhwc = inputs, labels, order, nhwc
+        self.views, self.seed = views, seed
+        self.drawn: np.ndarray | None = None  # the view of each row this epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.views is not None:
+            rng = np.random.default_rng([self.seed, epoch])
+            self.drawn = rng.integers(0, len(self.views) + 1, size=len(self.labels))
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        if self.views is None or self.drawn is None:
+            return np.asarray(self.inputs[idx])
+        drawn = self.drawn[idx]
+        rows = np.empty((len(idx), *self.inputs.shape[1:]), dtype=self.inputs.dtype)
+        plain = drawn == 0
+        rows[plain] = self.inputs[idx[plain]]
+        for view in np.unique(drawn[~plain]):
+            chosen = drawn == view
+            rows[chosen] = self.views[view - 1][idx[chosen]]
+        return rows
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in self.order:
-            inputs = as_float_tensor(np.asarray(self.inputs[idx]))
+            inputs = as_float_tensor(self._rows(idx))
             if self.nhwc:  # stored channels-last: an NCHW view in channels_last layout, no copy
                 inputs = inputs.permute(0, 3, 1, 2)
             yield inputs, torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64))
@@ -66,5 +94,7 @@ def array_batches(
     shuffle: bool = False,
     seed: int = 0,
     nhwc: bool = False,
+    views: np.ndarray | None = None,
 ) -> ArrayBatches:
-    return ArrayBatches(inputs, labels, BatchOrder(len(labels), batch_size, shuffle, seed), nhwc)
+    order = BatchOrder(len(labels), batch_size, shuffle, seed)
+    return ArrayBatches(inputs, labels, order, nhwc, views, seed)

@@ -12,7 +12,7 @@ from torch import nn
 
 from twophase.backbones import Tail, describe
 from twophase.io import atomic_path
-from twophase.model import build_head, create_model
+from twophase.model import Preprocessing, build_head, create_model
 from twophase.params import Params, to_dict
 from twophase.train import FitResult
 
@@ -84,6 +84,11 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """A saved network, ready for inference or more training, and its metadata."""
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     return network_of(checkpoint), checkpoint
+
+
+def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:
+    """The checkpoint's preprocessing (the defaults where it stored none: untrained weights)."""
+    return Preprocessing(**(checkpoint["preprocessing"] or {}))
 
 
 def cached_input_model(model: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:

@@ -6,7 +6,11 @@ Two folders, two DVC outputs, so that phase 1 depends only on what it reads:
   depend on where the network is cut, and are byte-identical whatever `finetune.unfreeze` is;
 - activations (phase 2's input): `<subset>_activations.npy`, the input of the first unfrozen
   block, stored channels-last (N, H, W, C): the layout the CPU convolutions run fastest in,
-  plus `<subset>_labels.npy` and `meta.json` (the cut).
+  plus `<subset>_labels.npy` and `meta.json` (the cut). When phase 2 streams the training
+  images instead (`finetune.input: images`), the training split's activations are not written.
+With `features.views: K`, the training split also gets `train_views_embeddings.npy` and
+`train_views_activations.npy`: K augmented views of every training image, view-major
+(K * N rows: view 1 of every image, then view 2, ...); `load_views` reads them as (K, N, ...).
 Arrays are appended to their files batch by batch, so memory stays flat as the dataset grows,
 and are read back memory-mapped.
 """
@@ -29,7 +33,7 @@ from tqdm import tqdm
 from twophase.backbones import ArchError, Family, Layout, block_names, check_tail, describe
 from twophase.batches import BatchOrder
 from twophase.errors import TwophaseError
-from twophase.images import ImageDataset, image_batches
+from twophase.images import DrawOrder, ImageDataset, image_batches
 from twophase.io import atomic_path, read_json, write_json
 from twophase.model import (
     Preprocessing,
@@ -44,6 +48,7 @@ from twophase.runtime import autocast, autocast_dtype, resolve_device, seed_ever
 
 SUBSETS = ("train", "val", "test")
 BACKBONE = "backbone.pt"
+CACHED_VIEW = 0  # the draw tag of cached views; streamed phase 2 draws with its own tag
 
 
 class FrozenTrunk(nn.Module):
@@ -91,14 +96,24 @@ def extract(
     meta: dict[str, Any] | None = None,
     backbone_state: dict[str, torch.Tensor] | None = None,
     dtype: str = "float32",
+    views: int = 0,
+    augment: Sequence[str] = (),
+    seed: int = 0,
+    train_activations: bool = True,
 ) -> None:
-    """Run the frozen trunk over every image once and write both cache folders atomically."""
+    """Run the frozen trunk over every image once (and over `views` augmented views of every
+    training image) and write both cache folders atomically.
+
+    `train_activations=False` leaves out the training split's activations (phase 2 streams it).
+    """
     # outside inference mode: parameters converted inside it could never train again
     trunk.to(device).to(memory_format=torch.channels_last).eval()
     act_shape, emb_shape = output_shapes(trunk, image_size, device)
-    rows = sum(len(labels) for _, labels in subsets.values())
+    train_rows = len(subsets["train"][1]) if "train" in subsets else 0
+    rows = sum(len(labels) for _, labels in subsets.values()) + views * train_rows
+    act_rows = rows - (0 if train_activations else (views + 1) * train_rows)
     act_bytes = math.prod(act_shape) * np.dtype(STORED_DTYPES[dtype]).itemsize
-    check_free_space(activations_dir.parent, rows * (act_bytes + 4 * math.prod(emb_shape)))
+    check_free_space(activations_dir.parent, act_rows * act_bytes + rows * 4 * math.prod(emb_shape))
     with (
         atomic_path(embeddings_dir) as emb_tmp,
         atomic_path(activations_dir) as act_tmp,
@@ -112,28 +127,52 @@ def extract(
         for subset, (paths, labels) in subsets.items():
             if not paths:
                 raise FeatureCacheError(f"the {subset} subset has no images")
-            dataset = ImageDataset(paths, labels, image_size, prep)
+            dataset = ImageDataset(paths, labels, image_size, prep, augment, seed)
             order = BatchOrder(len(dataset), batch_size, shuffle=False)
-            act_path = act_tmp / f"{subset}_activations.npy"
-            act_file = NpyAppender(act_path, len(dataset), act_shape, dtype)
-            emb_file = NpyAppender(emb_tmp / f"{subset}_embeddings.npy", len(dataset), emb_shape)
-            with tqdm(total=len(dataset), desc=f"features {subset}", unit="img") as bar:
-                for images, _ in image_batches(dataset, order, num_workers):
-                    images = images.to(device, non_blocking=True)
-                    images = images.contiguous(memory_format=torch.channels_last)
-                    with autocast(device, amp_dtype):
-                        activations, embeddings = trunk(images)
-                    act_file.append(activations)
-                    emb_file.append(embeddings)
-                    bar.update(len(images))
-            act_file.close()
-            emb_file.close()
+            count = len(dataset)
+            keep_acts = train_activations or subset != "train"
+            # the plain (eval) view of every image, then each augmented view in turn
+            passes: list[tuple[str, BatchOrder | DrawOrder]] = [(subset, order)]
+            if subset == "train":
+                passes += [
+                    (f"{subset}_views", DrawOrder(order, CACHED_VIEW, v))
+                    for v in range(1, views + 1)
+                ]
+            for stem in dict.fromkeys(stem for stem, _ in passes):
+                rows_in_file = count * sum(1 for name, _ in passes if name == stem)
+                act_file = (
+                    NpyAppender(act_tmp / f"{stem}_activations.npy", rows_in_file, act_shape, dtype)
+                    if keep_acts
+                    else None
+                )
+                emb_file = NpyAppender(emb_tmp / f"{stem}_embeddings.npy", rows_in_file, emb_shape)
+                for view, (_, draws) in enumerate(p for p in passes if p[0] == stem):
+                    desc = f"features {subset}" + (
+                        f" view {view + 1}/{views}" if stem != subset else ""
+                    )
+                    with tqdm(total=count, desc=desc, unit="img") as bar:
+                        for images, _ in image_batches(dataset, draws, num_workers):
+                            images = images.to(device, non_blocking=True)
+                            images = images.contiguous(memory_format=torch.channels_last)
+                            with autocast(device, amp_dtype):
+                                activations, embeddings = trunk(images)
+                            if act_file is not None:
+                                act_file.append(activations)
+                            emb_file.append(embeddings)
+                            bar.update(len(images))
+                emb_file.close()
+                if act_file is not None:
+                    act_file.close()
             for folder in (emb_tmp, act_tmp):
                 np.save(folder / f"{subset}_labels.npy", np.asarray(labels, dtype=np.int64))
             shapes[subset] = {"images": len(dataset)}
         meta = {**(meta or {}), "subsets": shapes}
+        if views:  # absent by default: the default cache stays byte-identical to earlier ones
+            meta |= {"views": views, "augment": list(augment), "seed": seed}
         write_json(meta, emb_tmp / "meta.json")
-        act_meta = {"cut": trunk.cut, "layout": trunk.layout, "dtype": dtype}
+        act_meta: dict[str, Any] = {"cut": trunk.cut, "layout": trunk.layout, "dtype": dtype}
+        if not train_activations:
+            act_meta["train_streamed"] = True
         write_json({**act_meta, "shape": list(act_shape), **meta}, act_tmp / "meta.json")
 
 
@@ -226,6 +265,17 @@ def load_activations(activations_dir: Path, subset: str) -> tuple[np.ndarray, np
     )
 
 
+def load_views(features_dir: Path, kind: str, in_memory: bool = False) -> np.ndarray | None:
+    """The training split's K augmented views, shaped (K, N, ...), of `kind` "embeddings" or
+    "activations"; None when the cache holds none (features.views: 0)."""
+    path = features_dir / f"train_views_{kind}.npy"
+    if not path.exists():
+        return None
+    views: np.ndarray = np.load(path, mmap_mode=None if in_memory else "r")
+    count = int(load_meta(features_dir)["views"])
+    return views.reshape(count, len(views) // count, *views.shape[1:])
+
+
 def load_meta(features_dir: Path) -> dict[str, Any]:
     meta: dict[str, Any] = read_json(features_dir / "meta.json")
     return meta
@@ -283,5 +333,9 @@ def extract_features(
         meta=meta,
         backbone_state=backbone_state,
         dtype=params.features.dtype,
+        views=params.features.views,
+        augment=params.data.augment,
+        seed=params.seed,
+        train_activations=params.finetune.input == "cached",
     )
     return {**meta, "cut": cut}

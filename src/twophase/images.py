@@ -1,9 +1,15 @@
-"""Images from disk as normalised tensors, the way the pretrained weights expect."""
+"""Images from disk as normalised tensors, the way the pretrained weights expect.
+
+An image is asked for by its index (the eval transform) or by `(index, *draw)` (the training
+augmentation, seeded by the dataset's seed, the index and the draw): the same key gives the same
+pixels in any process, with any number of DataLoader workers.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -33,33 +39,123 @@ def eval_transform(image_size: int, prep: Preprocessing) -> Callable[[Image.Imag
     return transform
 
 
+def train_transform(
+    image_size: int, prep: Preprocessing, augment: Sequence[str]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform with the named augmentations (params.AUGMENTATIONS), in that order.
+
+    random_resized_crop replaces resize + centre crop (torchvision's defaults: scale 0.08-1,
+    ratio 3/4-4/3, at the weights' size); colour operations run on uint8 pixels, before
+    normalisation, as torchvision's classification reference does.
+    """
+    from torchvision.transforms import v2
+
+    interpolation = v2.InterpolationMode(prep.interpolation)
+    steps: list[Callable[..., torch.Tensor]] = [v2.PILToTensor()]
+    if "random_resized_crop" in augment:
+        steps.append(v2.RandomResizedCrop(image_size, interpolation=interpolation, antialias=True))
+    else:
+        resize = round(image_size * prep.resize_ratio)
+        steps += [v2.Resize(resize, interpolation, antialias=True), v2.CenterCrop(image_size)]
+    if "horizontal_flip" in augment:
+        steps.append(v2.RandomHorizontalFlip())
+    if "color_jitter" in augment:
+        steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
+    if "trivial_augment" in augment:
+        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(prep.mean), list(prep.std))]
+    transform: Callable[[Image.Image], torch.Tensor] = v2.Compose(steps)
+    return transform
+
+
+ImageKey = int | tuple[int, ...]
+
+
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
+    """`dataset[i]`: image i on the eval transform; `dataset[(i, *draw)]`: image i augmented,
+    the random draws seeded by (seed, i, *draw) whatever process asks."""
+
     def __init__(
-        self, paths: Sequence[str], labels: Sequence[int], image_size: int, prep: Preprocessing
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        image_size: int,
+        prep: Preprocessing,
+        augment: Sequence[str] = (),
+        seed: int = 0,
     ) -> None:
         self.paths = list(paths)
         self.labels = [int(label) for label in labels]
         self.transform = eval_transform(image_size, prep)
+        self.augmented = train_transform(image_size, prep, augment) if augment else None
+        self.seed = seed
         self.min_side = round(image_size * prep.resize_ratio)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: ImageKey) -> tuple[torch.Tensor, int]:
+        index, draw = (key[0], key[1:]) if isinstance(key, tuple) else (int(key), ())
         image = load_rgb(self.paths[index], self.min_side)
-        return self.transform(image), self.labels[index]
+        if not draw or self.augmented is None:
+            return self.transform(image), self.labels[index]
+        entropy = np.random.SeedSequence([self.seed, index, *draw]).generate_state(2)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays untouched
+            torch.manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+            return self.augmented(image), self.labels[index]
+
+
+class DrawOrder:
+    """Batches of `(index, *draw, epoch)` keys in `order`'s batches: a fresh augmentation of
+    every image each epoch, reproducible from the seed. `set_epoch` names the epoch."""
+
+    def __init__(self, order: BatchOrder, *draw: int) -> None:
+        self.order, self.draw, self.epoch = order, draw, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        for batch in self.order:
+            yield [(int(i), *self.draw, self.epoch) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class ImageBatches:
+    """Streamed batches of decoded images in the given order, decoded by `num_workers`
+    processes (kept for the next epoch) into pinned memory on CUDA, two batches ahead.
+
+    With a `DrawOrder`, `set_epoch` gives every image a new augmentation that epoch."""
+
+    def __init__(
+        self, dataset: ImageDataset, order: BatchOrder | DrawOrder, num_workers: int = 0
+    ) -> None:
+        self.order = order
+        self.loader: DataLoader[tuple[torch.Tensor, int]] = DataLoader(
+            dataset,
+            batch_sampler=order,  # type: ignore[arg-type]
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=2 if num_workers > 0 else None,
+            # its own generator: iterating must not consume the global RNG dropout draws from
+            generator=torch.Generator().manual_seed(0),
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.order, DrawOrder):
+            self.order.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def image_batches(
-    dataset: ImageDataset, order: BatchOrder, num_workers: int = 0
-) -> DataLoader[tuple[torch.Tensor, int]]:
-    """Streamed batches of decoded images in the given order (decoding in worker processes)."""
-    return DataLoader(
-        dataset,
-        batch_sampler=order,  # type: ignore[arg-type]
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        # its own generator: iterating must not consume the global RNG that dropout draws from
-        generator=torch.Generator().manual_seed(0),
-        pin_memory=torch.cuda.is_available(),
-    )
+    dataset: ImageDataset, order: BatchOrder | DrawOrder, num_workers: int = 0
+) -> ImageBatches:
+    return ImageBatches(dataset, order, num_workers)

@@ -36,6 +36,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 SOLVERS = ("sgd", "lbfgs")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+# the training augmentations, applied in this order whatever the order of data.augment
+AUGMENTATIONS = ("random_resized_crop", "horizontal_flip", "color_jitter", "trivial_augment")
+FINETUNE_INPUTS = ("cached", "images")
 # Params that change how fast a stage runs, never what it writes: no stage depends on them.
 SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers")
 
@@ -50,9 +53,12 @@ class DataParams:
     root: str = "data/raw"
     val_ratio: float = 0.2
     image_size: int = 224
+    augment: tuple[str, ...] = ("random_resized_crop", "horizontal_flip")
 
     def __post_init__(self) -> None:
         _check_choice("data.dataset", self.dataset, DATASETS)
+        for i, name in enumerate(self.augment):
+            _check_choice(f"data.augment[{i}]", name, AUGMENTATIONS)
         _check(bool(self.root.strip()), "data.root", self.root, "a folder path")
         _check(0.0 < self.val_ratio < 1.0, "data.val_ratio", self.val_ratio, "a number in (0, 1)")
         _check(self.image_size >= 8, "data.image_size", self.image_size, "an integer >= 8")
@@ -84,8 +90,10 @@ class FeaturesParams:
     batch_size: int = 64
     num_workers: int = 2
     dtype: str = "float32"
+    views: int = 0  # augmented views of every training image, cached besides the plain one
 
     def __post_init__(self) -> None:
+        _check(self.views >= 0, "features.views", self.views, "an integer >= 0")
         _check(self.batch_size >= 1, "features.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 0, "features.num_workers", self.num_workers, "an integer >= 0")
         _check_choice("features.dtype", self.dtype, CACHE_DTYPES)
@@ -153,9 +161,11 @@ class FinetuneParams(PhaseParams):
     unfreeze: tuple[str, ...] = ("1",)  # the last block: layer4 for a ResNet
     batchnorm: str = "frozen"
     lr_decay: float = 1.0  # each earlier unfrozen block: lr * lr_decay**k (the head: lr)
+    input: str = "cached"  # images: the training split streamed, freshly augmented each epoch
 
     def __post_init__(self) -> None:
         self._validate("finetune", min_epochs=0)  # 0: phase 1 alone, e.g. to diff the phases
+        _check_choice("finetune.input", self.input, FINETUNE_INPUTS)
         check_unfreeze(self.unfreeze)
         _check_choice("finetune.batchnorm", self.batchnorm, BATCHNORM_MODES)
         _check(0 < self.lr_decay <= 1, "finetune.lr_decay", self.lr_decay, "a number in (0, 1]")
@@ -180,6 +190,11 @@ class Params:
             )
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
+        if self.features.views and not self.data.augment:
+            raise ParamsError(
+                f"features.views: {self.features.views} caches augmented views, but data.augment "
+                "is empty: name augmentations, e.g. [random_resized_crop, horizontal_flip]"
+            )
 
 
 def check_unfreeze(unfreeze: tuple[str, ...]) -> None:

@@ -4,7 +4,11 @@ Phase 1 (transfer) trains only the head, on the cached pooled embeddings.
 Phase 2 (fine-tune) starts from phase 1's checkpoint and trains the unfrozen blocks and the head,
 on the cached activations entering the first unfrozen block. Its starting weights are validated
 first and stay a candidate, so phase 2 never hands back a model worse on validation than phase 1.
-Both call the same `train.fit`.
+Both call the same `train.fit`. When the cache holds augmented views (`features.views`), every
+epoch of either phase trains on one view of each image, drawn per epoch. With
+`finetune.input: images`, phase 2 trains on the training images themselves, decoded and freshly
+augmented (`data.augment`) every epoch, the frozen part run without gradient; validation stays
+on the cached activations, which the streamed network would compute identically.
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ import torch
 from torch import nn
 
 from twophase import features
-from twophase.backbones import Tail, block_names, describe, set_trainable
+from twophase.backbones import Streamed, Tail, block_names, describe, set_trainable
+from twophase.batches import BatchOrder
 from twophase.batches import array_batches as batches
-from twophase.checkpoint import load_checkpoint, save_checkpoint
+from twophase.checkpoint import load_checkpoint, preprocessing_of, save_checkpoint
 from twophase.features import FeatureCacheError
+from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.io import write_csv
 from twophase.model import build_head, resolve_cut
 from twophase.optim import recipe_of
 from twophase.params import Params
 from twophase.runtime import autocast_dtype, resolve_device, seed_everything
-from twophase.train import EpochStats, FitResult, fit, fit_linear_probe
+from twophase.train import Batches, EpochStats, FitResult, fit, fit_linear_probe
 
 
 def write_history(rows: list[EpochStats], path: Path) -> None:
@@ -55,6 +61,7 @@ def train_transfer(
     meta = features.load_meta(embeddings_dir)
     train = features.load_embeddings(embeddings_dir, "train", in_memory=True)
     val = features.load_embeddings(embeddings_dir, "val", in_memory=True)
+    train_views = features.load_views(embeddings_dir, "embeddings", in_memory=True)
     # The backbone comes from the cache, not torchvision: this stage stays quick to start.
     backbone = torch.load(embeddings_dir / features.BACKBONE, map_location="cpu", weights_only=True)
     head = build_head(
@@ -70,7 +77,7 @@ def train_transfer(
     else:
         result = fit(
             head,
-            batches(*train, phase.batch_size, True, params.seed),
+            batches(*train, phase.batch_size, True, params.seed, views=train_views),
             batches(*val, phase.batch_size, False, params.seed),
             lr=phase.lr,
             epochs=phase.epochs,
@@ -97,14 +104,19 @@ def train_transfer(
     return result
 
 
+STREAMED_DRAW = 1  # the draw tag of streamed augmentations (features.CACHED_VIEW is 0)
+
+
 def finetune(
     params: Params,
     activations_dir: Path,
     transfer_checkpoint: Path,
     checkpoint_path: Path,
     history_path: Path,
+    split: pd.DataFrame | None = None,
 ) -> FitResult:
-    """Phase 2: unfrozen blocks + head from phase 1's weights, on cached activations.
+    """Phase 2: unfrozen blocks + head from phase 1's weights, on cached activations, or on the
+    training images of `split` when `finetune.input` is images.
 
     Epochs are numbered on from phase 1's last epoch, so both phases share one axis; the
     starting weights are validated as that last epoch and kept unless an epoch beats them.
@@ -137,11 +149,27 @@ def finetune(
         set_trainable(model, tail)
         groups, scales = discriminative_groups(tail, blocks, phase.lr_decay)
         nhwc = meta["layout"] == "nchw"
-        train = features.load_activations(activations_dir, "train")
         val = features.load_activations(activations_dir, "val")
+        model_in_training: nn.Module = tail
+        if phase.input == "images":
+            if split is None:
+                raise ValueError("finetune.input: images needs the split")
+            model_in_training = Streamed(tail)
+            train_batches: Batches = streamed_batches(params, split, start)
+        elif meta.get("train_streamed"):
+            raise FeatureCacheError(
+                f"finetune.input is cached but {activations_dir} holds no training activations "
+                "(it was made for finetune.input: images): rerun the features stage (dvc repro)"
+            )
+        else:
+            train = features.load_activations(activations_dir, "train")
+            train_views = features.load_views(activations_dir, "activations")
+            train_batches = batches(
+                *train, phase.batch_size, True, params.seed, nhwc=nhwc, views=train_views
+            )
         result = fit(
-            tail,
-            batches(*train, phase.batch_size, True, params.seed, nhwc=nhwc),
+            model_in_training,
+            train_batches,
             batches(*val, phase.batch_size, False, params.seed, nhwc=nhwc),
             lr=phase.lr,
             epochs=phase.epochs,
@@ -155,6 +183,7 @@ def finetune(
             recipe=recipe_of(phase),
             param_groups=groups,
             lr_scales=scales,
+            val_model=tail,
         )
         if result.kept_starting_weights:
             print("finetune: no epoch beat phase 1 on validation loss; kept phase 1's weights")
@@ -171,6 +200,23 @@ def finetune(
         last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
     )
     return result
+
+
+def streamed_batches(
+    params: Params, split: pd.DataFrame, checkpoint: dict[str, Any]
+) -> ImageBatches:
+    """The training images in the cached path's batch order, augmented anew each epoch."""
+    train = split[split["subset"] == "train"]
+    dataset = ImageDataset(
+        train["path"].tolist(),
+        train["label"].tolist(),
+        checkpoint["image_size"],
+        preprocessing_of(checkpoint),
+        params.data.augment,
+        params.seed,
+    )
+    order = BatchOrder(len(dataset), params.finetune.batch_size, True, params.seed)
+    return ImageBatches(dataset, DrawOrder(order, STREAMED_DRAW), params.features.num_workers)
 
 
 def discriminative_groups(

@@ -18,13 +18,12 @@ from torch import nn
 from tqdm import tqdm
 
 from twophase.batches import BatchOrder
-from twophase.checkpoint import network_of
+from twophase.checkpoint import network_of, preprocessing_of
 from twophase.datasets import IMAGE_EXTENSIONS
 from twophase.decode import unreadable_reason
 from twophase.errors import TwophaseError
 from twophase.images import ImageDataset, image_batches
 from twophase.io import atomic_path
-from twophase.model import Preprocessing
 from twophase.runtime import autocast, autocast_dtype, resolve_device
 
 CHECKPOINT_KEYS = ("arch", "state_dict", "classifier", "head", "class_names", "preprocessing")
@@ -49,11 +48,6 @@ def read_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(raw, dict) or k not in raw)})"
         )
     return network_of(raw).eval(), raw
-
-
-def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:
-    """The checkpoint's preprocessing (the defaults where it stored none: untrained weights)."""
-    return Preprocessing(**(checkpoint["preprocessing"] or {}))
 
 
 def collect_images(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:

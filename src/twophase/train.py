@@ -2,6 +2,8 @@
 
 Both phases call `fit`; they differ only in the model handed in (head alone, or the unfrozen blocks
 plus head) and in the batches (cached embeddings, cached activations, or streamed images).
+Training batches with a `set_epoch(epoch)` method (as torch's DistributedSampler has) are told
+each epoch's number before it runs: augmented views are drawn per epoch from it.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def fit(
     recipe: Recipe | None = None,
     param_groups: list[list[nn.Parameter]] | None = None,
     lr_scales: list[float] | None = None,
+    val_model: nn.Module | None = None,
 ) -> FitResult:
     """Train until `epochs` or `patience` epochs without a better val loss; keep the best weights.
 
@@ -147,8 +150,12 @@ def fit(
 
     `recipe` chooses the optimizer and the per-epoch LR schedule (default: Adam at `lr`);
     `param_groups` with `lr_scales` give groups their own LR (phase 2's discriminative LRs).
+    `val_model` scores the validation batches when they need another module than `model` (it
+    shares `model`'s weights: streamed images train, cached activations validate).
     """
     recipe = recipe or Recipe(lr=lr)
+    val_model = val_model or model
+    set_epoch = getattr(train_batches, "set_epoch", lambda epoch: None)
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(param_groups or [trainable_parameters(model)], recipe, lr_scales)
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
@@ -182,16 +189,18 @@ def fit(
 
     if validate_start:
         result.start_epoch = first_epoch - 1
+        set_epoch(result.start_epoch)
         train_scores = run_epoch(model, train_batches, device, amp_dtype)
-        val_scores = run_epoch(model, val_batches, device, amp_dtype)
+        val_scores = run_epoch(val_model, val_batches, device, amp_dtype)
         record(EpochStats(result.start_epoch, *train_scores, *val_scores))
     bar = tqdm(range(first_epoch, first_epoch + epochs), desc=desc, unit="epoch", leave=False)
     for epoch in bar:
         epoch_lr = set_epoch_lr(optimizer, recipe, epoch - first_epoch, epochs)
+        set_epoch(epoch)
         train_scores = run_epoch(
             model, train_batches, device, amp_dtype, optimizer, scaler, recipe.label_smoothing
         )
-        val_scores = run_epoch(model, val_batches, device, amp_dtype)
+        val_scores = run_epoch(val_model, val_batches, device, amp_dtype)
         improved = record(EpochStats(epoch, *train_scores, *val_scores, epoch_lr))
         if not improved and epoch - result.best_epoch >= patience:
             result.stopped_early = True
