@@ -173,6 +173,21 @@ def test_changing_unfreeze_recomputes_activations_but_not_phase_one(repo: Path) 
     assert json.loads((repo / "data/activations/meta.json").read_text())["cut"] == "layer3"
 
 
+def test_augmented_views_and_streamed_phase_two_through_dvc(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    output = run(repo, "dvc", "exp", "run", "-S", "features.views=2", "-S", "finetune.input=images")
+    assert ran(output) == set(STAGES) - {"download", "index", "split"}, output[-2000:]
+    assert (repo / "data/embeddings/train_views_embeddings.npy").is_file()
+    assert not (repo / "data/activations/train_activations.npy").exists()
+    assert (repo / "data/activations/test_activations.npy").is_file()
+    output = run(repo, "dvc", "exp", "run", "-S", "train_transfer.lr=0.003")
+    assert ran(output) == {"train_transfer", "finetune", "evaluate", "export", "report"}
+    assert "Stage 'features' didn't change, skipping" in output
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+
+
 def test_speed_only_params_rerun_nothing(repo: Path) -> None:
     run(repo, "git", "checkout", "-q", "--", ".")
     run(repo, "dvc", "checkout", "-q")

@@ -112,6 +112,19 @@ def test_discriminative_lrs_give_earlier_blocks_smaller_lrs() -> None:
     assert same == [1.0] and len(one[0]) == sum(len(g) for g in groups)
 
 
+def test_with_every_block_unfrozen_the_stem_gets_the_smallest_lr() -> None:
+    tail = tiny_network(first=None)
+    blocks = ["layer1", "layer2", "layer3", "layer4"]
+    groups, scales = discriminative_groups(tail, blocks, 0.5)
+    assert scales == [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+    model = tail.model
+    assert {id(p) for p in groups[0]} == {id(p) for p in model.fc.parameters()}
+    assert {id(p) for p in groups[4]} == {id(p) for p in model.layer1.parameters()}
+    stem = [*model.conv1.parameters(), *model.bn1.parameters()]
+    assert {id(p) for p in groups[5]} == {id(p) for p in stem}
+    assert sum(len(g) for g in groups) == len(list(model.parameters()))
+
+
 def test_linear_probe_beats_or_matches_adam_on_the_same_embeddings() -> None:
     every, labels = separable_embeddings(180, dim=16, seed=3)
     x, y, vx, vy = every[:120], labels[:120], every[120:], labels[120:]

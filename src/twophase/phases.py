@@ -223,18 +223,26 @@ def discriminative_groups(
     tail: Tail, blocks: list[str], decay: float
 ) -> tuple[list[list[nn.Parameter]], list[float]]:
     """Parameter groups for phase 2: the head (and what follows the blocks) at the phase's LR,
-    each earlier unfrozen block at lr * decay**k. One group when decay is 1."""
+    each earlier unfrozen block at lr * decay**k and, when every block trains, what precedes
+    them (the stem, embeddings) one step lower still. One group when decay is 1."""
     trainable = [p for p in tail.parameters() if p.requires_grad]
-    if decay == 1.0 or tail.first is None:
+    if decay == 1.0:
         return [trainable], [1.0]
-    unfrozen = [step for step in tail.steps if step in blocks]
+    unfrozen = blocks if tail.first is None else [step for step in tail.steps if step in blocks]
     block_params = [
         [p for p in tail.model.get_submodule(name).parameters() if p.requires_grad]
         for name in reversed(unfrozen)
     ]
     in_blocks = {id(p) for group in block_params for p in group}
     rest = [p for p in trainable if id(p) not in in_blocks]
-    return [rest, *block_params], [1.0] + [decay ** (k + 1) for k in range(len(block_params))]
+    groups, scales = [rest, *block_params], [decay**k for k in range(len(block_params) + 1)]
+    if tail.first is not None:
+        return groups, scales
+    from_last_block = Tail(tail.model, tail.family, blocks[-1]).trainable_modules()
+    head_side = {id(p) for module in from_last_block for p in module.parameters()}
+    stem = [p for p in rest if id(p) not in head_side]  # what runs before the first block
+    groups[0] = [p for p in rest if id(p) in head_side]
+    return [*groups, stem], [*scales, decay ** len(groups)]
 
 
 def finetune_summary(result: FitResult) -> dict[str, float | int | bool]:
