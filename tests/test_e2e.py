@@ -181,7 +181,7 @@ def test_augmented_views_and_streamed_phase_two_through_dvc(repo: Path) -> None:
     assert (repo / "data/embeddings/train_views_embeddings.npy").is_file()
     assert not (repo / "data/activations/train_activations.npy").exists()
     assert (repo / "data/activations/test_activations.npy").is_file()
-    output = run(repo, "dvc", "exp", "run", "-S", "train_transfer.lr=0.003")
+    output = run(repo, "dvc", "exp", "run", "-S", "train_transfer.lr=0.004")
     assert ran(output) == {"train_transfer", "finetune", "evaluate", "export", "report"}
     assert "Stage 'features' didn't change, skipping" in output
     run(repo, "git", "checkout", "-q", "--", ".")
