@@ -5,6 +5,7 @@ from pathlib import Path
 import _src_path  # noqa: F401
 
 from twophase.datasets import read_index
+from twophase.distributed import setup, teardown
 from twophase.features import extract_features
 from twophase.params import load_params
 from twophase.stage import run_stage
@@ -16,7 +17,11 @@ ACTIVATIONS = Path("data/activations")
 
 def main() -> None:
     params = load_params()
-    meta = extract_features(params, read_index(SPLIT), EMBEDDINGS, ACTIVATIONS)
+    world = setup(params.device)
+    meta = extract_features(params, read_index(SPLIT), EMBEDDINGS, ACTIVATIONS, world)
+    teardown()
+    if not world.is_main:
+        return
     print(f"cached the pooled embeddings -> {EMBEDDINGS}")
     print(
         f"cached the input of {meta['cut'] or 'the network (every block trains)'} -> {ACTIVATIONS}"
@@ -24,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, batch_size_param="features.batch_size")
+    run_stage(main, batch_size_param="features.batch_size", distributed=True)

@@ -188,6 +188,58 @@ def test_augmented_views_and_streamed_phase_two_through_dvc(repo: Path) -> None:
     run(repo, "dvc", "checkout", "-q")
 
 
+def test_two_processes_run_the_dag_under_torchrun_with_gloo(repo: Path) -> None:
+    """compute.nproc: 2 on this CPU: features, train_transfer and finetune each relaunch under
+    torchrun; the feature cache equals one process's (compute is speed-only: --force)."""
+    import numpy as np
+
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    before = {
+        name: np.load(repo / "data" / name)
+        for name in ("embeddings/train_embeddings.npy", "activations/val_activations.npy")
+    }
+    output = run(repo, "dvc", "exp", "run", "--force", "-S", "compute.nproc=2")
+    assert ran(output) == set(STAGES), output[-2000:]
+    assert output.count("torchrun: 2 processes, backend gloo, on cpu") == 3, output[-3000:]
+    for name, values in before.items():
+        np.testing.assert_allclose(np.load(repo / "data" / name), values, rtol=1e-5, atol=1e-6)
+    summary = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert 0.0 <= summary["finetune"]["accuracy"] <= 1.0
+    history = (repo / "plots/finetune/history.csv").read_text().splitlines()
+    assert len(history) == 1 + 1 + TINY_DIGITS["finetune"]["epochs"], "rank 0 alone wrote it"
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+
+
+def test_linked_dvc_cache_stays_intact_when_stages_rerun(tmp_path: Path) -> None:
+    """cache.type hardlink: outputs are links into .dvc/cache; a rerun must replace them (new
+    file, rename), never write through a link into the cache."""
+    import hashlib
+
+    repo = tmp_path / "linked"
+    repo.mkdir()
+    copy_project(repo, TINY_DIGITS)
+    run(repo, "git", "init", "-q")
+    run(repo, "dvc", "config", "cache.type", "hardlink")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "linked")
+    run(repo, "dvc", "repro")
+    assert (repo / "data/embeddings/train_embeddings.npy").stat().st_nlink == 2
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro")
+    output = run(repo, "dvc", "exp", "run", "-S", "finetune.unfreeze=[layer3,layer4]")
+    assert {"features", "finetune"} <= ran(output), output[-2000:]
+    cached = [p for p in (repo / ".dvc/cache/files/md5").rglob("*") if p.is_file()]
+    assert len(cached) > 10
+    for path in cached:
+        if path.suffix == ".dir":
+            continue
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        assert digest == path.parent.name + path.name, f"{path} was written through a link"
+    assert "modified" not in run(repo, "dvc", "status")
+
+
 def test_speed_only_params_rerun_nothing(repo: Path) -> None:
     run(repo, "git", "checkout", "-q", "--", ".")
     run(repo, "dvc", "checkout", "-q")

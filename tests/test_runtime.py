@@ -37,10 +37,12 @@ def test_mixed_precision_only_where_the_device_supports_it(
     with pytest.raises(ParamsError, match="fp16 autocast needs a CUDA device"):
         autocast_dtype(cpu, "fp16")
     assert autocast_dtype(mps, "auto") is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert autocast_dtype(cuda, "auto") is torch.bfloat16
     assert autocast_dtype(cuda, "fp16") is torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(  # a T4 or V100: bf16 only emulated
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
     assert autocast_dtype(cuda, "auto") is torch.float16
 
 

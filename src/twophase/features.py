@@ -17,10 +17,13 @@ and are read back memory-mapped.
 
 from __future__ import annotations
 
+import io
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +35,7 @@ from tqdm import tqdm
 
 from twophase.backbones import ArchError, Family, Layout, block_names, check_tail, describe
 from twophase.batches import BatchOrder
+from twophase.distributed import SINGLE, World
 from twophase.errors import TwophaseError
 from twophase.images import DrawOrder, ImageDataset, image_batches
 from twophase.io import atomic_path, read_json, write_json
@@ -100,80 +104,113 @@ def extract(
     augment: Sequence[str] = (),
     seed: int = 0,
     train_activations: bool = True,
+    world: World = SINGLE,
 ) -> None:
     """Run the frozen trunk over every image once (and over `views` augmented views of every
     training image) and write both cache folders atomically.
 
     `train_activations=False` leaves out the training split's activations (phase 2 streams it).
+    Under DDP, rank r runs batches r, r + world, ... and writes their rows in place; the
+    batches are those of one process, so the files are bitwise the same.
     """
     # outside inference mode: parameters converted inside it could never train again
     trunk.to(device).to(memory_format=torch.channels_last).eval()
     act_shape, emb_shape = output_shapes(trunk, image_size, device)
-    train_rows = len(subsets["train"][1]) if "train" in subsets else 0
-    rows = sum(len(labels) for _, labels in subsets.values()) + views * train_rows
-    act_rows = rows - (0 if train_activations else (views + 1) * train_rows)
-    act_bytes = math.prod(act_shape) * np.dtype(STORED_DTYPES[dtype]).itemsize
-    check_free_space(activations_dir.parent, act_rows * act_bytes + rows * 4 * math.prod(emb_shape))
+    if world.is_main:
+        train_rows = len(subsets["train"][1]) if "train" in subsets else 0
+        rows = sum(len(labels) for _, labels in subsets.values()) + views * train_rows
+        act_rows = rows - (0 if train_activations else (views + 1) * train_rows)
+        act_bytes = math.prod(act_shape) * np.dtype(STORED_DTYPES[dtype]).itemsize
+        emb_bytes = 4 * math.prod(emb_shape)
+        check_free_space(activations_dir.parent, act_rows * act_bytes + rows * emb_bytes)
     with (
-        atomic_path(embeddings_dir) as emb_tmp,
-        atomic_path(activations_dir) as act_tmp,
+        shared_atomic_path(embeddings_dir, world) as emb_tmp,
+        shared_atomic_path(activations_dir, world) as act_tmp,
         torch.inference_mode(),
     ):
-        emb_tmp.mkdir(parents=True)
-        act_tmp.mkdir(parents=True)
-        if backbone_state is not None:
+        if world.is_main and backbone_state is not None:
             torch.save({k: v.clone() for k, v in backbone_state.items()}, emb_tmp / BACKBONE)
         shapes: dict[str, Any] = {}
         for subset, (paths, labels) in subsets.items():
             if not paths:
                 raise FeatureCacheError(f"the {subset} subset has no images")
             dataset = ImageDataset(paths, labels, image_size, prep, augment, seed)
-            order = BatchOrder(len(dataset), batch_size, shuffle=False)
             count = len(dataset)
-            keep_acts = train_activations or subset != "train"
-            # the plain (eval) view of every image, then each augmented view in turn
-            passes: list[tuple[str, BatchOrder | DrawOrder]] = [(subset, order)]
+            batches = list(BatchOrder(count, batch_size, shuffle=False))
+            mine = batches[world.rank :: world.size]
+            # the plain (eval) view of every image; then, for training, each augmented view
+            passes: list[tuple[str, int]] = [(subset, 0)]
             if subset == "train":
-                passes += [
-                    (f"{subset}_views", DrawOrder(order, CACHED_VIEW, v))
-                    for v in range(1, views + 1)
-                ]
+                passes += [(f"{subset}_views", view) for view in range(1, views + 1)]
+            files: dict[str, tuple[NpyRows | None, NpyRows]] = {}
             for stem in dict.fromkeys(stem for stem, _ in passes):
-                rows_in_file = count * sum(1 for name, _ in passes if name == stem)
-                act_file = (
-                    NpyAppender(act_tmp / f"{stem}_activations.npy", rows_in_file, act_shape, dtype)
+                in_file = count * sum(1 for name, _ in passes if name == stem)
+                keep_acts = train_activations or subset != "train"
+                make = partial(_shared_npy, world=world, rows=in_file)
+                files[stem] = (
+                    make(act_tmp / f"{stem}_activations.npy", act_shape, dtype)
                     if keep_acts
-                    else None
+                    else None,
+                    make(emb_tmp / f"{stem}_embeddings.npy", emb_shape, "float32"),
                 )
-                emb_file = NpyAppender(emb_tmp / f"{stem}_embeddings.npy", rows_in_file, emb_shape)
-                for view, (_, draws) in enumerate(p for p in passes if p[0] == stem):
-                    desc = f"features {subset}" + (
-                        f" view {view + 1}/{views}" if stem != subset else ""
-                    )
-                    with tqdm(total=count, desc=desc, unit="img") as bar:
-                        for images, _ in image_batches(dataset, draws, num_workers):
-                            images = images.to(device, non_blocking=True)
-                            images = images.contiguous(memory_format=torch.channels_last)
-                            with autocast(device, amp_dtype):
-                                activations, embeddings = trunk(images)
-                            if act_file is not None:
-                                act_file.append(activations)
-                            emb_file.append(embeddings)
-                            bar.update(len(images))
-                emb_file.close()
-                if act_file is not None:
-                    act_file.close()
-            for folder in (emb_tmp, act_tmp):
-                np.save(folder / f"{subset}_labels.npy", np.asarray(labels, dtype=np.int64))
-            shapes[subset] = {"images": len(dataset)}
-        meta = {**(meta or {}), "subsets": shapes}
-        if views:  # absent by default: the default cache stays byte-identical to earlier ones
-            meta |= {"views": views, "augment": list(augment), "seed": seed}
-        write_json(meta, emb_tmp / "meta.json")
-        act_meta: dict[str, Any] = {"cut": trunk.cut, "layout": trunk.layout, "dtype": dtype}
-        if not train_activations:
-            act_meta["train_streamed"] = True
-        write_json({**act_meta, "shape": list(act_shape), **meta}, act_tmp / "meta.json")
+            for stem, view in passes:
+                act_file, emb_file = files[stem]
+                draws = DrawOrder(mine, CACHED_VIEW, view) if view else mine
+                offset = count * (view - 1) if view else 0
+                desc = f"features {subset}" + (f" view {view}/{views}" if view else "")
+                with tqdm(total=count, desc=desc, unit="img", disable=not world.is_main) as bar:
+                    loaded = image_batches(dataset, draws, num_workers)
+                    for batch, (images, _) in zip(mine, loaded, strict=True):
+                        images = images.to(device, non_blocking=True)
+                        images = images.contiguous(memory_format=torch.channels_last)
+                        with autocast(device, amp_dtype):
+                            activations, embeddings = trunk(images)
+                        if act_file is not None:
+                            act_file.write(offset + int(batch[0]), activations)
+                        emb_file.write(offset + int(batch[0]), embeddings)
+                        bar.update(len(images) * world.size)
+            for written in files.values():
+                for file in written:
+                    if file is not None:
+                        file.close()
+            if world.is_main:
+                for folder in (emb_tmp, act_tmp):
+                    np.save(folder / f"{subset}_labels.npy", np.asarray(labels, dtype=np.int64))
+            shapes[subset] = {"images": count}
+        if world.is_main:
+            meta = {**(meta or {}), "subsets": shapes}
+            if views:  # absent by default: the default cache stays byte-identical to earlier ones
+                meta |= {"views": views, "augment": list(augment), "seed": seed}
+            write_json(meta, emb_tmp / "meta.json")
+            act_meta: dict[str, Any] = {"cut": trunk.cut, "layout": trunk.layout, "dtype": dtype}
+            if not train_activations:
+                act_meta["train_streamed"] = True
+            write_json({**act_meta, "shape": list(act_shape), **meta}, act_tmp / "meta.json")
+
+
+@contextmanager
+def shared_atomic_path(final: Path, world: World) -> Iterator[Path]:
+    """`io.atomic_path` for a folder every rank writes into: rank 0 creates it and, once every
+    rank is done, moves it into place (or removes it on failure); the others only write."""
+    if not world.is_main:
+        yield Path(str(world.broadcast(None)))
+        world.barrier()
+        return
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        world.broadcast(str(tmp))
+        yield tmp
+        world.barrier()
+
+
+def _shared_npy(
+    path: Path, shape: tuple[int, ...], dtype: str, *, world: World, rows: int
+) -> NpyRows:
+    """The file created by rank 0, then opened by every rank."""
+    if world.is_main:
+        NpyRows(path, rows, shape, dtype).close()
+    world.barrier()
+    return NpyRows(path, rows, shape, dtype, create=False)
 
 
 class FeatureCacheError(TwophaseError):
@@ -216,34 +253,45 @@ def _gib(size: int) -> str:
 STORED_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
 
 
-class NpyAppender:
-    """Writes an .npy file of known shape batch by batch with plain appends.
+class NpyRows:
+    """An .npy file of known shape, written batch by batch at each batch's own row offset: by one
+    process, or by every rank of a DDP group into the one file (no gather through rank 0).
 
     Plain writes leave the bytes to the OS page cache; filling a writable memmap instead would
     keep every written page resident in this process, so its RSS would grow with the dataset.
     """
 
     def __init__(
-        self, path: Path, rows: int, shape: tuple[int, ...], dtype: str = "float32"
+        self,
+        path: Path,
+        rows: int,
+        shape: tuple[int, ...],
+        dtype: str = "float32",
+        create: bool = True,
     ) -> None:
-        self.rows, self.shape, self.written, self.dtype = rows, shape, 0, dtype
-        self.handle = path.open("wb")
+        self.rows, self.shape, self.dtype = rows, shape, dtype
         header = {"descr": STORED_DTYPES[dtype], "fortran_order": False, "shape": (rows, *shape)}
-        np.lib.format.write_array_header_2_0(self.handle, header)
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buffer, header)
+        self.data_start = buffer.tell()
+        self.row_bytes = math.prod(shape) * np.dtype(STORED_DTYPES[dtype]).itemsize
+        if create:  # the whole file at once (sparse until written), so any rank may fill any row
+            with path.open("wb") as handle:
+                handle.write(buffer.getvalue())
+                handle.truncate(self.data_start + rows * self.row_bytes)
+        self.handle = path.open("r+b")
 
-    def append(self, batch: torch.Tensor) -> None:
-        if tuple(batch.shape[1:]) != self.shape or self.written + len(batch) > self.rows:
+    def write(self, first_row: int, batch: torch.Tensor) -> None:
+        if tuple(batch.shape[1:]) != self.shape or first_row + len(batch) > self.rows:
             raise ValueError(f"batch of shape {tuple(batch.shape)} does not fit {self.shape}")
         values = batch.detach().to("cpu", getattr(torch, self.dtype)).contiguous()
         if self.dtype == "bfloat16":
             values = values.view(torch.int16)
+        self.handle.seek(self.data_start + first_row * self.row_bytes)
         self.handle.write(values.numpy().tobytes())
-        self.written += len(batch)
 
     def close(self) -> None:
         self.handle.close()
-        if self.written != self.rows:
-            raise ValueError(f"wrote {self.written} rows of {self.rows}")
 
 
 def load_embeddings(
@@ -282,13 +330,17 @@ def load_meta(features_dir: Path) -> dict[str, Any]:
 
 
 def extract_features(
-    params: Params, split: pd.DataFrame, embeddings_dir: Path, activations_dir: Path
+    params: Params,
+    split: pd.DataFrame,
+    embeddings_dir: Path,
+    activations_dir: Path,
+    world: World = SINGLE,
 ) -> dict[str, Any]:
     """The features stage: build the frozen trunk the params describe and cache its outputs."""
     from twophase.datasets import class_names
 
     seed_everything(params.seed)
-    device = resolve_device(params.device)
+    device = world.device if world.distributed else resolve_device(params.device)
     arch, weights, size = params.model.arch, params.model.weights, params.data.image_size
     model = build_model(arch, weights, size)
     family = describe(model, arch)
@@ -337,5 +389,6 @@ def extract_features(
         augment=params.data.augment,
         seed=params.seed,
         train_activations=params.finetune.input == "cached",
+        world=world,
     )
     return {**meta, "cut": cut}

@@ -109,7 +109,7 @@ class DrawOrder:
     """Batches of `(index, *draw, epoch)` keys in `order`'s batches: a fresh augmentation of
     every image each epoch, reproducible from the seed. `set_epoch` names the epoch."""
 
-    def __init__(self, order: BatchOrder, *draw: int) -> None:
+    def __init__(self, order: BatchOrder | Sequence[np.ndarray], *draw: int) -> None:
         self.order, self.draw, self.epoch = order, draw, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -123,15 +123,16 @@ class DrawOrder:
         return len(self.order)
 
 
+Order = BatchOrder | DrawOrder | Sequence[np.ndarray]  # batches of image indices or keys
+
+
 class ImageBatches:
     """Streamed batches of decoded images in the given order, decoded by `num_workers`
     processes (kept for the next epoch) into pinned memory on CUDA, two batches ahead.
 
     With a `DrawOrder`, `set_epoch` gives every image a new augmentation that epoch."""
 
-    def __init__(
-        self, dataset: ImageDataset, order: BatchOrder | DrawOrder, num_workers: int = 0
-    ) -> None:
+    def __init__(self, dataset: ImageDataset, order: Order, num_workers: int = 0) -> None:
         self.order = order
         self.loader: DataLoader[tuple[torch.Tensor, int]] = DataLoader(
             dataset,
@@ -155,7 +156,5 @@ class ImageBatches:
         return len(self.loader)
 
 
-def image_batches(
-    dataset: ImageDataset, order: BatchOrder | DrawOrder, num_workers: int = 0
-) -> ImageBatches:
+def image_batches(dataset: ImageDataset, order: Order, num_workers: int = 0) -> ImageBatches:
     return ImageBatches(dataset, order, num_workers)

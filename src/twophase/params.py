@@ -39,8 +39,9 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 # the training augmentations, applied in this order whatever the order of data.augment
 AUGMENTATIONS = ("random_resized_crop", "horizontal_flip", "color_jitter", "trivial_augment")
 FINETUNE_INPUTS = ("cached", "images")
+SHUFFLES = ("full", "blocks")
 # Params that change how fast a stage runs, never what it writes: no stage depends on them.
-SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers")
+SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers", "compute")
 
 
 class ParamsError(TwophaseError, ValueError):
@@ -97,6 +98,32 @@ class FeaturesParams:
         _check(self.batch_size >= 1, "features.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 0, "features.num_workers", self.num_workers, "an integer >= 0")
         _check_choice("features.dtype", self.dtype, CACHE_DTYPES)
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    """How many processes run the features and training stages (torchrun + DDP when > 1)."""
+
+    nproc: int = 1  # processes per node: GPUs per node, or CPU processes (gloo)
+    nnodes: int = 1
+    rdzv_endpoint: str = ""  # host:port of the first node, when nnodes > 1
+    launcher: str = ""  # a command that starts one torchrun per node, e.g. srun --ntasks-per-node=1
+    num_workers: int = 0  # processes reading phase 2's cached batches ahead (into pinned memory)
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "compute.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.nproc >= 1, "compute.nproc", self.nproc, "an integer >= 1")
+        _check(self.nnodes >= 1, "compute.nnodes", self.nnodes, "an integer >= 1")
+        _check(
+            self.nnodes == 1 or bool(re.fullmatch(r"[\w.-]+:\d+", self.rdzv_endpoint)),
+            "compute.rdzv_endpoint",
+            self.rdzv_endpoint,
+            "host:port of the first node (needed when compute.nnodes > 1)",
+        )
+
+    @property
+    def processes(self) -> int:
+        return self.nproc * self.nnodes
 
 
 @dataclass(frozen=True)
@@ -162,10 +189,12 @@ class FinetuneParams(PhaseParams):
     batchnorm: str = "frozen"
     lr_decay: float = 1.0  # each earlier unfrozen block: lr * lr_decay**k (the head: lr)
     input: str = "cached"  # images: the training split streamed, freshly augmented each epoch
+    shuffle: str = "full"  # blocks: shuffled among 8 blocks of a batch at a time (huge caches)
 
     def __post_init__(self) -> None:
         self._validate("finetune", min_epochs=0)  # 0: phase 1 alone, e.g. to diff the phases
         _check_choice("finetune.input", self.input, FINETUNE_INPUTS)
+        _check_choice("finetune.shuffle", self.shuffle, SHUFFLES)
         check_unfreeze(self.unfreeze)
         _check_choice("finetune.batchnorm", self.batchnorm, BATCHNORM_MODES)
         _check(0 < self.lr_decay <= 1, "finetune.lr_decay", self.lr_decay, "a number in (0, 1]")
@@ -179,6 +208,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     features: FeaturesParams = field(default_factory=FeaturesParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
     train_transfer: TransferParams = field(default_factory=TransferParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
 

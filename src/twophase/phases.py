@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from torch import nn
 
 from twophase import features
 from twophase.backbones import Streamed, Tail, block_names, describe, set_trainable
-from twophase.batches import BatchOrder
+from twophase.batches import ArrayBatches, BatchOrder
 from twophase.batches import array_batches as batches
 from twophase.checkpoint import load_checkpoint, preprocessing_of, save_checkpoint
+from twophase.distributed import SINGLE, World
 from twophase.features import FeatureCacheError
 from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.io import write_csv
@@ -53,11 +55,16 @@ def _history_writer(path: Path) -> Callable[[EpochStats], None]:
 
 
 def train_transfer(
-    params: Params, embeddings_dir: Path, checkpoint_path: Path, history_path: Path
+    params: Params,
+    embeddings_dir: Path,
+    checkpoint_path: Path,
+    history_path: Path,
+    world: World = SINGLE,
 ) -> FitResult:
-    """Phase 1: the head alone, on cached embeddings (held in memory: they are small)."""
+    """Phase 1: the head alone, on cached embeddings (held in memory: they are small).
+    Under DDP, rank 0 alone writes the history and the checkpoint."""
     seed_everything(params.seed)
-    device = resolve_device(params.device)
+    device = world.device if world.distributed else resolve_device(params.device)
     meta = features.load_meta(embeddings_dir)
     train = features.load_embeddings(embeddings_dir, "train", in_memory=True)
     val = features.load_embeddings(embeddings_dir, "val", in_memory=True)
@@ -73,12 +80,14 @@ def train_transfer(
     phase = params.train_transfer
     if phase.solver == "lbfgs":  # a linear probe: full-batch L-BFGS, L2 chosen on val
         result = fit_linear_probe(head, train, val, device, seed=params.seed)
-        write_history(result.history, history_path)
+        if world.is_main:
+            write_history(result.history, history_path)
     else:
+        sharded = partial(batches, rank=world.rank, ranks=world.size)
         result = fit(
             head,
-            batches(*train, phase.batch_size, True, params.seed, views=train_views),
-            batches(*val, phase.batch_size, False, params.seed),
+            sharded(*train, phase.batch_size, True, params.seed, views=train_views),
+            sharded(*val, phase.batch_size, False, params.seed),
             lr=phase.lr,
             epochs=phase.epochs,
             patience=phase.patience,
@@ -87,7 +96,10 @@ def train_transfer(
             on_epoch=_history_writer(history_path),
             desc="train_transfer",
             recipe=recipe_of(phase),
+            world=world,
         )
+    if not world.is_main:
+        return result
     classifier = meta["classifier"]
     head_state = {f"{classifier}.{key}": value for key, value in head.cpu().state_dict().items()}
     save_checkpoint(
@@ -114,15 +126,16 @@ def finetune(
     checkpoint_path: Path,
     history_path: Path,
     split: pd.DataFrame | None = None,
+    world: World = SINGLE,
 ) -> FitResult:
     """Phase 2: unfrozen blocks + head from phase 1's weights, on cached activations, or on the
-    training images of `split` when `finetune.input` is images.
+    training images of `split` when `finetune.input` is images. Under DDP, rank 0 alone writes.
 
     Epochs are numbered on from phase 1's last epoch, so both phases share one axis; the
     starting weights are validated as that last epoch and kept unless an epoch beats them.
     """
     seed_everything(params.seed)
-    device = resolve_device(params.device)
+    device = world.device if world.distributed else resolve_device(params.device)
     model, start = load_checkpoint(transfer_checkpoint)
     family = describe(model, start["arch"])
     blocks = block_names(model, family)
@@ -137,7 +150,8 @@ def finetune(
     phase = params.finetune
     features_meta: dict[str, Any] = {**start, "embedding_dim": start["head"]["in_features"]}
     if phase.epochs == 0:  # phase 2 skipped: its checkpoint is phase 1's network
-        write_history([], history_path)
+        if world.is_main:
+            write_history([], history_path)
         result = FitResult(
             best_epoch=start["best_epoch"],
             best_val_loss=start["best_val_loss"],
@@ -155,22 +169,19 @@ def finetune(
             if split is None:
                 raise ValueError("finetune.input: images needs the split")
             model_in_training = Streamed(tail)
-            train_batches: Batches = streamed_batches(params, split, start)
+            train_batches: Batches = streamed_batches(params, split, start, world)
         elif meta.get("train_streamed"):
             raise FeatureCacheError(
                 f"finetune.input is cached but {activations_dir} holds no training activations "
                 "(it was made for finetune.input: images): rerun the features stage (dvc repro)"
             )
         else:
-            train = features.load_activations(activations_dir, "train")
-            train_views = features.load_views(activations_dir, "activations")
-            train_batches = batches(
-                *train, phase.batch_size, True, params.seed, nhwc=nhwc, views=train_views
-            )
+            train_batches = cached_batches(params, activations_dir, nhwc, device, world)
+        sharded = partial(batches, rank=world.rank, ranks=world.size)
         result = fit(
             model_in_training,
             train_batches,
-            batches(*val, phase.batch_size, False, params.seed, nhwc=nhwc),
+            sharded(*val, phase.batch_size, False, params.seed, nhwc=nhwc),
             lr=phase.lr,
             epochs=phase.epochs,
             patience=phase.patience,
@@ -184,10 +195,13 @@ def finetune(
             param_groups=groups,
             lr_scales=scales,
             val_model=tail,
+            world=world,
         )
-        if result.kept_starting_weights:
+        if result.kept_starting_weights and world.is_main:
             print("finetune: no epoch beat phase 1 on validation loss; kept phase 1's weights")
         reads = "activations"
+    if not world.is_main:
+        return result
     save_checkpoint(
         model.cpu().state_dict(),
         checkpoint_path,
@@ -202,8 +216,52 @@ def finetune(
     return result
 
 
+BLOCK_WINDOW = 8  # finetune.shuffle: blocks shuffles rows among this many blocks of a batch
+
+
+def cached_batches(
+    params: Params, activations_dir: Path, nhwc: bool, device: torch.device, world: World
+) -> ArrayBatches:
+    """Phase 2's training batches from the cache: held on the GPU when they fit there, else
+    read ahead by `compute.num_workers` processes into pinned memory."""
+    phase = params.finetune
+    train = features.load_activations(activations_dir, "train")
+    views = features.load_views(activations_dir, "activations")
+    size = train[0].nbytes + (0 if views is None else views.nbytes)
+    if phase.shuffle == "full" and world.is_main:
+        warn_if_larger_than_memory(size)
+    train_batches = batches(
+        *train,
+        phase.batch_size,
+        True,
+        params.seed,
+        nhwc,
+        views,
+        rank=world.rank,
+        ranks=world.size,
+        window=BLOCK_WINDOW if phase.shuffle == "blocks" else 0,
+        num_workers=params.compute.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    if device.type == "cuda" and size < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        train_batches.resident(device)
+    return train_batches
+
+
+def warn_if_larger_than_memory(size: int) -> None:
+    import psutil  # only here: it is only needed for this one check
+
+    available = psutil.virtual_memory().available
+    if size > available:
+        print(
+            f"finetune: the training cache ({size / 2**30:.1f} GiB) is larger than the free "
+            f"memory ({available / 2**30:.1f} GiB): with finetune.shuffle: full every batch "
+            "is random disk reads; finetune.shuffle: blocks reads it in runs"
+        )
+
+
 def streamed_batches(
-    params: Params, split: pd.DataFrame, checkpoint: dict[str, Any]
+    params: Params, split: pd.DataFrame, checkpoint: dict[str, Any], world: World = SINGLE
 ) -> ImageBatches:
     """The training images in the cached path's batch order, augmented anew each epoch."""
     train = split[split["subset"] == "train"]
@@ -215,7 +273,9 @@ def streamed_batches(
         params.data.augment,
         params.seed,
     )
-    order = BatchOrder(len(dataset), params.finetune.batch_size, True, params.seed)
+    order = BatchOrder(
+        len(dataset), params.finetune.batch_size, True, params.seed, world.rank, world.size
+    )
     return ImageBatches(dataset, DrawOrder(order, STREAMED_DRAW), params.features.num_workers)
 
 

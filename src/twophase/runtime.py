@@ -32,15 +32,17 @@ def resolve_device(requested: str = "auto") -> torch.device:
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`, or None to run in fp32.
 
-    'auto' means bf16 (or fp16 where bf16 is missing) on CUDA and fp32 elsewhere: on CPU bf16
-    autocast was measured slower than fp32 for ResNet18 (bench/RESULTS.md), so it is opt-in there.
+    'auto' means bf16 on CUDA GPUs that compute it natively (Ampere and later), fp16 (with a
+    GradScaler in training) on those that only emulate bf16 (T4, V100), and fp32 elsewhere: on
+    CPU bf16 autocast was measured slower than fp32 for ResNet18 (bench/RESULTS.md).
     """
     if precision == "fp32":
         return None
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 else torch.float16
     if precision == "fp16" and device.type != "cuda":
         raise ParamsError(f"precision: fp16 autocast needs a CUDA device, not {device.type}")
     if precision == "bf16" and device.type == "mps":

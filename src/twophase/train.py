@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from twophase.distributed import SINGLE, World
 from twophase.errors import TwophaseError
 from twophase.model import trainable_parameters
 from twophase.optim import Recipe, make_optimizer, set_epoch_lr
@@ -91,20 +92,33 @@ def run_epoch(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
     label_smoothing: float = 0.0,
+    world: World = SINGLE,
 ) -> tuple[float, float]:
-    """One pass over `batches`; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+    """One pass over `batches`; trains when an optimizer is given. Returns (mean loss, accuracy)
+    over every rank's batches."""
     training = optimizer is not None
     model.train(training)
     loss_sum, correct, seen = 0.0, 0, 0
+    smoothing = label_smoothing if training else 0.0
     with torch.set_grad_enabled(training):
         for inputs, labels in batches:
             inputs = _to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(inputs)
-            loss = nn.functional.cross_entropy(
-                logits.float(), labels, label_smoothing=label_smoothing if training else 0.0
-            )
+            if world.distributed:
+                rank_sum = nn.functional.cross_entropy(
+                    logits.float(), labels, label_smoothing=smoothing, reduction="sum"
+                )
+                # DDP averages gradients over ranks: scaled so that they are the global batch's
+                batch_size = world.sum(len(labels))[0] if training else 1.0
+                loss = rank_sum * (world.size / batch_size)
+                loss_sum += rank_sum.item()
+            else:
+                loss = nn.functional.cross_entropy(
+                    logits.float(), labels, label_smoothing=smoothing
+                )
+                loss_sum += loss.item() * len(labels)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -114,9 +128,11 @@ def run_epoch(
                 else:
                     loss.backward()  # type: ignore[no-untyped-call]
                     optimizer.step()
-            loss_sum += loss.item() * len(labels)
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += len(labels)
+    if world.distributed:
+        loss_sum, total_correct, total_seen = world.sum(loss_sum, correct, seen)
+        correct, seen = int(total_correct), int(total_seen)
     if seen == 0:
         raise ValueError("no batches to run: the split is empty")
     return loss_sum / seen, correct / seen
@@ -140,6 +156,7 @@ def fit(
     param_groups: list[list[nn.Parameter]] | None = None,
     lr_scales: list[float] | None = None,
     val_model: nn.Module | None = None,
+    world: World = SINGLE,
 ) -> FitResult:
     """Train until `epochs` or `patience` epochs without a better val loss; keep the best weights.
 
@@ -152,11 +169,17 @@ def fit(
     `param_groups` with `lr_scales` give groups their own LR (phase 2's discriminative LRs).
     `val_model` scores the validation batches when they need another module than `model` (it
     shares `model`'s weights: streamed images train, cached activations validate).
+    Under DDP (`world` of several ranks) each rank passes its slice of every batch; the
+    statistics, hence early stopping, are the same on every rank; only rank 0 reports.
     """
     recipe = recipe or Recipe(lr=lr)
     val_model = val_model or model
     set_epoch = getattr(train_batches, "set_epoch", lambda epoch: None)
     model.to(device).to(memory_format=torch.channels_last)
+    trained = model
+    if world.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = make_optimizer(param_groups or [trainable_parameters(model)], recipe, lr_scales)
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -174,12 +197,13 @@ def fit(
                     "lower the learning rate"
                 )
         result.history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
-        tqdm.write(
-            f"{desc} epoch {stats.epoch}: train loss {stats.train_loss:.4f} "
-            f"acc {stats.train_acc:.4f} | val loss {stats.val_loss:.4f} acc {stats.val_acc:.4f}"
-        )
+        if world.is_main:
+            if on_epoch is not None:
+                on_epoch(stats)
+            tqdm.write(
+                f"{desc} epoch {stats.epoch}: train loss {stats.train_loss:.4f} acc "
+                f"{stats.train_acc:.4f} | val loss {stats.val_loss:.4f} acc {stats.val_acc:.4f}"
+            )
         if stats.val_loss >= result.best_val_loss:
             return False
         result.best_epoch, result.best_val_loss = stats.epoch, stats.val_loss
@@ -190,17 +214,25 @@ def fit(
     if validate_start:
         result.start_epoch = first_epoch - 1
         set_epoch(result.start_epoch)
-        train_scores = run_epoch(model, train_batches, device, amp_dtype)
-        val_scores = run_epoch(val_model, val_batches, device, amp_dtype)
+        train_scores = run_epoch(trained, train_batches, device, amp_dtype, world=world)
+        val_scores = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
         record(EpochStats(result.start_epoch, *train_scores, *val_scores))
-    bar = tqdm(range(first_epoch, first_epoch + epochs), desc=desc, unit="epoch", leave=False)
+    epoch_range = range(first_epoch, first_epoch + epochs)
+    bar = tqdm(epoch_range, desc=desc, unit="epoch", leave=False, disable=not world.is_main)
     for epoch in bar:
         epoch_lr = set_epoch_lr(optimizer, recipe, epoch - first_epoch, epochs)
         set_epoch(epoch)
         train_scores = run_epoch(
-            model, train_batches, device, amp_dtype, optimizer, scaler, recipe.label_smoothing
+            trained,
+            train_batches,
+            device,
+            amp_dtype,
+            optimizer,
+            scaler,
+            recipe.label_smoothing,
+            world,
         )
-        val_scores = run_epoch(val_model, val_batches, device, amp_dtype)
+        val_scores = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
         improved = record(EpochStats(epoch, *train_scores, *val_scores, epoch_lr))
         if not improved and epoch - result.best_epoch >= patience:
             result.stopped_early = True
