@@ -25,10 +25,9 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -49,6 +48,9 @@ from twophase.model import (
 )
 from twophase.params import Params, ParamsError
 from twophase.runtime import autocast, autocast_dtype, resolve_device, seed_everything
+
+if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
+    import pandas as pd
 
 SUBSETS = ("train", "val", "test")
 BACKBONE = "backbone.pt"
@@ -194,13 +196,15 @@ def shared_atomic_path(final: Path, world: World) -> Iterator[Path]:
     rank is done, moves it into place (or removes it on failure); the others only write."""
     if not world.is_main:
         yield Path(str(world.broadcast(None)))
-        world.barrier()
+        world.barrier()  # every rank has written
+        world.barrier()  # rank 0 has moved the folder into place
         return
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
         world.broadcast(str(tmp))
         yield tmp
         world.barrier()
+    world.barrier()
 
 
 def _shared_npy(
