@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,17 +31,33 @@ from twophase.checkpoint import load_checkpoint, preprocessing_of, save_checkpoi
 from twophase.distributed import SINGLE, World
 from twophase.features import FeatureCacheError
 from twophase.images import DrawOrder, ImageBatches, ImageDataset
-from twophase.io import write_csv
+from twophase.io import atomic_path
 from twophase.model import build_head, resolve_cut
 from twophase.optim import recipe_of
 from twophase.params import Params
 from twophase.runtime import autocast_dtype, resolve_device, seed_everything
 from twophase.train import Batches, EpochStats, FitResult, fit, fit_linear_probe
 
+if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
+    import pandas as pd
+
 
 def write_history(rows: list[EpochStats], path: Path) -> None:
+    """plots/<phase>/history.csv: one row per epoch, floats rounded to 6 decimals (numpy's
+    rounding, as pandas' `round` wrote them before)."""
     columns = list(EpochStats.__dataclass_fields__)
-    write_csv(pd.DataFrame([asdict(row) for row in rows], columns=columns).round(6), path)
+    lines = [",".join(columns)]
+    for row in rows:
+        values = asdict(row)
+        lines.append(",".join(_csv_value(values[column]) for column in columns))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _csv_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return str(float(np.round(value, 6)))
 
 
 def _history_writer(path: Path) -> Callable[[EpochStats], None]:

@@ -1,0 +1,55 @@
+"""Issue J: no stage spends longer starting than working (figures: bench/RESULTS.md).
+
+Only what can be asserted without timing: stages that run no network never import torch, and
+the numpy metrics that replaced scikit-learn's (a second of import) compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import PROJECT
+from twophase.metrics import confusion, score
+
+STAGES_WITHOUT_A_NETWORK = ("download", "index", "split", "report")
+
+
+@pytest.mark.parametrize("stage", STAGES_WITHOUT_A_NETWORK)
+def test_stages_without_a_network_do_not_import_torch(stage: str) -> None:
+    code = (
+        "import sys; sys.path.insert(0, 'stages'); "
+        f"import {stage}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", f"stages/{stage}.py imports {done.stdout.strip()}"
+
+
+def test_numpy_metrics_equal_scikit_learns() -> None:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(7)]
+    labels = rng.integers(0, 6, size=300)  # class 6 never occurs: zero support
+    predicted = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 5, size=300))
+    scores = score(labels, predicted, names)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=list(range(7)), zero_division=0
+    )
+    assert scores["precision_macro"] == round(float(np.mean(precision)), 6)
+    assert scores["recall_macro"] == round(float(np.mean(recall)), 6)
+    assert scores["f1_macro"] == round(float(np.mean(f1)), 6)
+    for row, p, r, f, s in zip(scores["per_class"], precision, recall, f1, support, strict=True):
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == (
+            round(float(p), 6),
+            round(float(r), 6),
+            round(float(f), 6),
+            int(s),
+        )
+    expected = confusion_matrix(labels, predicted, labels=list(range(7)))
+    assert np.array_equal(confusion(labels, predicted, 7), expected)
