@@ -21,7 +21,7 @@ from tqdm import tqdm
 from twophase.distributed import SINGLE, World
 from twophase.errors import TwophaseError
 from twophase.model import trainable_parameters
-from twophase.optim import Recipe, make_optimizer, set_epoch_lr
+from twophase.optim import Optimizer, Recipe, make_optimizer, set_epoch_lr
 from twophase.runtime import autocast
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -89,7 +89,7 @@ def run_epoch(
     batches: Batches,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
     label_smoothing: float = 0.0,
     world: World = SINGLE,
@@ -123,7 +123,7 @@ def run_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-                    scaler.step(optimizer)
+                    scaler.step(optimizer)  # type: ignore[arg-type]  # reads param_groups, calls step
                     scaler.update()
                 else:
                     loss.backward()  # type: ignore[no-untyped-call]

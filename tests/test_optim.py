@@ -1,0 +1,103 @@
+"""twophase.optim.Optimizer steps exactly as torch.optim's classes do, without importing dynamo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from twophase.optim import Optimizer, Recipe, make_optimizer
+
+
+def two_groups(seed: int) -> tuple[nn.Module, list[list[nn.Parameter]]]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    net[0].bias.requires_grad_(False)  # a parameter that never has a gradient
+    first = [p for p in net[0].parameters() if p.requires_grad]
+    return net, [first, list(net[2].parameters())]
+
+
+def train(net: nn.Module, optimizer: Optimizer | torch.optim.Optimizer, steps: int = 6) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        inputs = torch.randn(8, 6, generator=generator)
+        labels = torch.randint(0, 3, (8,), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(net(inputs), labels).backward()
+        optimizer.step()
+
+
+def torch_optimizer(groups: list[dict], recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+        )
+    kind = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(lr=0.01),
+        Recipe(lr=0.01, weight_decay=0.05),
+        Recipe(lr=0.01, optimizer="adamw", weight_decay=0.05),
+        Recipe(lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3),
+        Recipe(lr=0.1, optimizer="sgd", momentum=0.0),
+    ],
+    ids=["adam", "adam-l2", "adamw", "sgd-nesterov", "sgd-plain"],
+)
+def test_every_update_equals_torch_optim_bit_for_bit(recipe: Recipe) -> None:
+    ours, our_groups = two_groups(seed=0)
+    theirs, their_groups = two_groups(seed=0)
+    scales = [0.1, 1.0]
+    train(ours, make_optimizer(our_groups, recipe, scales))
+    reference = torch_optimizer(
+        [{"params": g, "lr": recipe.lr * s} for g, s in zip(their_groups, scales, strict=True)],
+        recipe,
+    )
+    train(theirs, reference)
+    for (name, mine), (_, expected) in zip(
+        ours.state_dict().items(), theirs.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, expected), name
+    assert not torch.equal(ours[0].bias, two_groups(seed=1)[0][0].bias)  # seeds differ at all
+
+
+def test_a_gradient_scaler_steps_it_like_torch_optim() -> None:
+    recipe = Recipe(lr=0.01)
+    updated = []
+    for make in (
+        lambda groups: make_optimizer(groups, recipe),
+        lambda groups: torch.optim.Adam([{"params": g} for g in groups], lr=recipe.lr),
+    ):
+        net, groups = two_groups(seed=0)
+        optimizer = make(groups)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        inputs, labels = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(nn.functional.cross_entropy(net(inputs), labels)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        updated.append(net[2].weight.detach().clone())
+    assert torch.equal(updated[0], updated[1])
+
+
+def test_training_a_head_does_not_import_torch_dynamo() -> None:
+    code = (
+        "import sys, torch\n"
+        "from twophase.optim import Recipe, make_optimizer\n"
+        "from test_optim import train, two_groups\n"
+        "net, groups = two_groups(0)\n"
+        "train(net, make_optimizer(groups, Recipe(lr=0.01)))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/", 1)[0])
