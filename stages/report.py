@@ -1,4 +1,4 @@
-"""DVC stage `report`: the Markdown report with both phases' metrics, curves and pictures."""
+"""DVC stage `report`: the Markdown report with both phases' metrics, and every picture."""
 
 from pathlib import Path
 
@@ -18,7 +18,7 @@ def main() -> None:
         plots_dir=Path("plots"),
         evaluate_dir=Path("plots/evaluate"),
         report_path=REPORT,
-        curves_dir=Path("plots/curves"),
+        figures_dir=Path("plots/figures"),
     )
     print(f"report -> {REPORT}")
 

@@ -133,14 +133,14 @@ def test_repro_writes_every_declared_output(repo: Path) -> None:
         "models/transfer.pt",
         "models/finetune.pt",
         "plots/report.md",
-        "plots/curves/loss.png",
-        "plots/evaluate/grid_finetune.png",
-        "plots/evaluate/confusion_transfer.png",
+        "plots/figures/loss.png",
+        "plots/figures/grid_finetune.png",
+        "plots/figures/confusion_transfer.png",
         "data/activations/test_activations.npy",
         "data/embeddings/test_embeddings.npy",
     ):
         assert (repo / name).is_file(), name
-    assert "![loss curves](curves/loss.png)" in (repo / "plots/report.md").read_text()
+    assert "![loss curves](figures/loss.png)" in (repo / "plots/report.md").read_text()
     assert "No changes" in run(repo, "dvc", "status") or "up to date" in run(repo, "dvc", "status")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from tests.helpers import make_imagefolder
 from twophase import features
@@ -17,6 +18,8 @@ from twophase.datasets import build_index
 from twophase.evaluation import evaluate
 from twophase.params import Params, parse_params
 from twophase.phases import finetune, train_transfer
+from twophase.report import PHASE_STAGES as PHASES
+from twophase.report import build_report
 from twophase.split import split_index
 from twophase.train import run_epoch
 
@@ -111,17 +114,41 @@ def test_finetune_continues_from_phase_one_and_evaluate_scores_both(workdir: Pat
         activations,
         pd.read_csv(workdir / "split.csv"),
         {"transfer": workdir / "t.pt", "finetune": workdir / "f.pt"},
-        workdir / "evaluate.json",
+        workdir / "metrics" / "evaluate.json",
         workdir / "plots",
     )
     assert summary["test_images"] == 9
     assert summary["delta"]["accuracy"] == pytest.approx(
         summary["finetune"]["accuracy"] - summary["transfer"]["accuracy"], abs=1e-6
     )
-    for name in (
-        "confusion_transfer.png",
-        "grid_finetune.png",
-        "predictions_finetune.csv",
+    assert sorted(path.name for path in (workdir / "plots").iterdir()) == [
         "per_class.csv",
-    ):
-        assert (workdir / "plots" / name).is_file()
+        "predictions_finetune.csv",
+        "predictions_transfer.csv",
+    ]
+    report_draws_what_evaluate_wrote(params, workdir)
+
+
+def report_draws_what_evaluate_wrote(params: Params, workdir: Path) -> None:
+    (workdir / "metrics").mkdir(exist_ok=True)
+    for phase, stage in (("t", "train_transfer"), ("f", "finetune")):
+        (workdir / "plots" / stage).mkdir()
+        (workdir / f"{phase}.csv").rename(workdir / "plots" / stage / "history.csv")
+        (workdir / "metrics" / f"{stage}.json").write_text('{"best_epoch": 1}')
+    text = build_report(
+        params,
+        metrics_dir=workdir / "metrics",
+        plots_dir=workdir / "plots",
+        evaluate_dir=workdir / "plots",
+        report_path=workdir / "report.md",
+        figures_dir=workdir / "figures",
+    )
+    figures = sorted(path.name for path in (workdir / "figures").iterdir())
+    assert figures == sorted(
+        ["loss.png", "accuracy.png"]
+        + [f"{kind}_{phase}.png" for kind in ("confusion", "grid") for phase in PHASES]
+    )
+    for name in figures:
+        with Image.open(workdir / "figures" / name) as image:
+            assert image.width > 300 and image.height > 200, name
+        assert f"](figures/{name})" in text, name

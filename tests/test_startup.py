@@ -1,7 +1,9 @@
 """Issue J: no stage spends longer starting than working (figures: bench/RESULTS.md).
 
-Only what can be asserted without timing: stages that run no network never import torch, and
-the numpy metrics that replaced scikit-learn's (a second of import) compute the same numbers.
+Only what can be asserted without timing: stages that run no network never import torch;
+evaluate draws nothing (matplotlib is the report's); the numpy metrics that replaced
+scikit-learn's (a second of import) compute the same numbers; a checkpoint built on the meta
+device holds exactly the saved tensors. (tests/test_optim.py: training imports no torch._dynamo.)
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from tests.helpers import PROJECT
+from twophase import checkpoint as checkpoint_module
 from twophase.metrics import confusion, score
 
 STAGES_WITHOUT_A_NETWORK = ("download", "index", "split", "report")
@@ -28,6 +33,54 @@ def test_stages_without_a_network_do_not_import_torch(stage: str) -> None:
         [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]", f"stages/{stage}.py imports {done.stdout.strip()}"
+
+
+def test_evaluate_does_not_import_matplotlib() -> None:
+    code = (
+        "import sys; sys.path.insert(0, 'stages'); import evaluate; "
+        "print('matplotlib' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
+def test_a_checkpoint_loads_its_own_tensors_without_initialising_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    saved[1].running_mean += 1.0
+    checkpoint = {"state_dict": saved.state_dict()}
+    monkeypatch.setattr(
+        checkpoint_module,
+        "build_network",
+        lambda _: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)),
+    )
+    loaded = checkpoint_module.network_of(checkpoint)
+    for (name, mine), (_, expected) in zip(
+        loaded.state_dict().items(), saved.state_dict().items(), strict=True
+    ):
+        assert mine.device.type == "cpu" and torch.equal(mine, expected), name
+
+
+class WithScratchBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.register_buffer("scratch", torch.ones(3), persistent=False)
+
+
+def test_a_buffer_the_checkpoint_does_not_hold_is_built_the_ordinary_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    saved = WithScratchBuffer()
+    monkeypatch.setattr(checkpoint_module, "build_network", lambda _: WithScratchBuffer())
+    loaded = checkpoint_module.network_of({"state_dict": saved.state_dict()})
+    assert isinstance(loaded, WithScratchBuffer)
+    assert torch.equal(loaded.scratch, torch.ones(3))
+    assert torch.equal(loaded.linear.weight, saved.linear.weight)
 
 
 def test_numpy_metrics_equal_scikit_learns() -> None:

@@ -4,6 +4,7 @@ everything needed to rebuild it, with or without twophase (README: "Load a check
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,25 @@ def build_network(checkpoint: dict[str, Any]) -> nn.Module:
 
 
 def network_of(checkpoint: dict[str, Any]) -> nn.Module:
-    """The checkpoint's network with its trained weights."""
+    """The checkpoint's network with its trained weights.
+
+    Built on the meta device and then handed the checkpoint's tensors: initialising weights that
+    are about to be replaced takes 0.2 s for a ResNet18 on a 2-core CPU, more than scoring the
+    digits test split. Built the ordinary way where that cannot work: a constructor that computes
+    with tensor values (RegNet's widths), a buffer the checkpoint lacks (`persistent=False`).
+    """
+    state = checkpoint["state_dict"]
+    try:
+        with torch.device("meta"):
+            model = build_network(checkpoint)
+    except (NotImplementedError, RuntimeError):
+        model = None
+    if model is not None:
+        model.load_state_dict(state, assign=True)
+        if not any(tensor.is_meta for tensor in chain(model.parameters(), model.buffers())):
+            return model
     model = build_network(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(state)
     return model
 
 

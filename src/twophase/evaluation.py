@@ -1,4 +1,8 @@
-"""The evaluate stage: both checkpoints on the test split, scored and drawn the same way."""
+"""The evaluate stage: both checkpoints on the test split, scored the same way.
+
+It writes numbers and predictions only; the report stage draws them (confusion matrices,
+prediction grids), so a change to a picture never reruns a network.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,10 @@ from twophase import features
 from twophase.batches import array_batches
 from twophase.checkpoint import cached_input_model, load_checkpoint
 from twophase.io import write_csv, write_json
-from twophase.metrics import confusion, score, side_by_side
+from twophase.metrics import score, side_by_side
 from twophase.params import Params
-from twophase.plots import PHASE_TITLES, grid_choice, plot_confusion, plot_prediction_grid
 from twophase.runtime import autocast_dtype, resolve_device
 from twophase.train import predict
-
-GRID_IMAGES = 8
 
 
 def evaluate(
@@ -29,7 +30,7 @@ def evaluate(
     metrics_path: Path,
     plots_dir: Path,
 ) -> dict[str, Any]:
-    """Score each phase's checkpoint on the cached test inputs; write metrics, data and PNGs."""
+    """Score each phase's checkpoint on the cached test inputs; write metrics and predictions."""
     device = resolve_device(params.device)
     amp = autocast_dtype(device, params.precision)
     test_embeddings, test_labels = features.load_embeddings(embeddings_dir, "test")
@@ -64,22 +65,6 @@ def evaluate(
                 }
             ),
             plots_dir / f"predictions_{phase}.csv",
-        )
-        grid_rows = grid_choice(predicted == truth, confidence.numpy(), GRID_IMAGES)
-        title = PHASE_TITLES[phase]
-        plot_confusion(
-            confusion(truth, predicted, len(names)),
-            names,
-            f"confusion matrix, {title}",
-            plots_dir / f"confusion_{phase}.png",
-        )
-        plot_prediction_grid(
-            test_rows["path"].iloc[grid_rows].tolist(),
-            [names[i] for i in truth[grid_rows]],
-            [names[i] for i in predicted[grid_rows]],
-            f"test predictions, {title}: most confident errors, then correct",
-            plots_dir / f"grid_{phase}.png",
-            confidence=confidence.numpy()[grid_rows].tolist(),
         )
     write_csv(pd.DataFrame(per_class), plots_dir / "per_class.csv")
     summary = side_by_side(scores["transfer"], scores["finetune"], len(test_rows))

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from PIL import Image, ImageOps
 
 from twophase.decode import load_rgb
 from twophase.io import atomic_path
 
+GRID_CELL_PX, GRID_CAPTION_PX, GRID_GAP_PX = 200, 44, 8  # an image, the two lines above it
 PHASE_TITLES = {"transfer": "phase 1: transfer learning", "finetune": "phase 2: fine-tuning"}
 
 
@@ -115,20 +117,41 @@ def plot_prediction_grid(
     confidence: Sequence[float] | None = None,
 ) -> None:
     """Test images with true and predicted class; green when right, red when wrong.
-    `confidence` (the predicted class's probability) is shown when given."""
+    `confidence` (the predicted class's probability) is shown when given.
+
+    The images are pasted into one mosaic drawn on one set of axes: matplotlib spends most of a
+    figure's time per axes, and a grid of 8 axes cost 0.2 s of a 1-second stage.
+    """
     count = len(paths)
     rows = max(1, -(-count // columns))
+    cell, caption = GRID_CELL_PX, GRID_CAPTION_PX
+    mosaic = Image.new("RGB", (columns * cell, rows * (cell + caption)), "white")
     fig = Figure(figsize=(3 * columns, 3.3 * rows))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    ax = fig.add_axes((0.0, 0.0, 1.0, 0.94))
+    ax.axis("off")
     shown = confidence if confidence is not None else [None] * count
-    for ax, image_path, true, predicted, probability in zip(
-        axes.flat, paths, true_names, predicted_names, shown, strict=False
+    for position, (image_path, true, predicted, probability) in enumerate(
+        zip(paths, true_names, predicted_names, shown, strict=False)
     ):
-        ax.imshow(load_rgb(image_path))
-        color = "green" if true == predicted else "red"
+        image = load_rgb(image_path, min_side=cell)
+        room = cell - 2 * GRID_GAP_PX
+        smaller = image.width < room and image.height < room
+        resample = Image.Resampling.NEAREST if smaller else Image.Resampling.LANCZOS
+        image = ImageOps.contain(image, (room, room), resample)
+        row, column = divmod(position, columns)
+        left = column * cell + (cell - image.width) // 2
+        top = row * (cell + caption) + caption + (cell - image.height) // 2
+        mosaic.paste(image, (left, top))
         sure = f" ({probability:.0%})" if probability is not None else ""
-        ax.set_title(f"true: {true}\npred: {predicted}{sure}", color=color, fontsize=9)
+        ax.text(
+            column * cell + cell / 2,
+            row * (cell + caption) + caption - 4,
+            f"true: {true}\npred: {predicted}{sure}",
+            color="green" if true == predicted else "red",
+            fontsize=9,
+            ha="center",
+            va="bottom",
+        )
+    ax.imshow(np.asarray(mosaic), interpolation="antialiased")
     fig.suptitle(title)
     _save(fig, path)

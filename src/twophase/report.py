@@ -1,6 +1,8 @@
-"""The report stage: one Markdown page a reviewer reads in a pull request.
+"""The report stage: one Markdown page a reviewer reads in a pull request, and its pictures.
 
-Images are linked relatively, so the page renders on GitHub next to the PNGs it names.
+It draws what the evaluate stage wrote (no network here): curves from the histories, confusion
+matrices and prediction grids from the predictions. Images are linked relatively, so the page
+renders on GitHub next to the PNGs it names.
 """
 
 from __future__ import annotations
@@ -10,14 +12,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from twophase.io import atomic_path, read_json
-from twophase.metrics import HEADLINE, top_confusions
+from twophase.metrics import HEADLINE, confusion, top_confusions
 from twophase.params import SPEED_ONLY_PARAMS, Params, flatten, to_dict
-from twophase.plots import PHASE_TITLES, plot_curves
+from twophase.plots import (
+    PHASE_TITLES,
+    grid_choice,
+    plot_confusion,
+    plot_curves,
+    plot_prediction_grid,
+)
 
 PHASE_STAGES = {"transfer": "train_transfer", "finetune": "finetune"}
+GRID_IMAGES = 8
 
 
 def build_report(
@@ -26,14 +36,15 @@ def build_report(
     plots_dir: Path,
     evaluate_dir: Path,
     report_path: Path,
-    curves_dir: Path,
+    figures_dir: Path,
 ) -> str:
     histories = {
         phase: pd.read_csv(plots_dir / stage / "history.csv").to_dict("records")
         for phase, stage in PHASE_STAGES.items()
     }
-    plot_curves(histories, "loss", curves_dir / "loss.png")
-    plot_curves(histories, "acc", curves_dir / "accuracy.png")
+    plot_curves(histories, "loss", figures_dir / "loss.png")
+    plot_curves(histories, "acc", figures_dir / "accuracy.png")
+    per_class = pd.read_csv(evaluate_dir / "per_class.csv", dtype={"class": str})
     evaluation = read_json(metrics_dir / "evaluate.json")
     training = {
         phase: read_json(metrics_dir / f"{stage}.json") for phase, stage in PHASE_STAGES.items()
@@ -75,8 +86,8 @@ def build_report(
             ],
         ),
         "",
-        f"![loss curves]({link(curves_dir / 'loss.png')})",
-        f"![accuracy curves]({link(curves_dir / 'accuracy.png')})",
+        f"![loss curves]({link(figures_dir / 'loss.png')})",
+        f"![accuracy curves]({link(figures_dir / 'accuracy.png')})",
         "",
         "## Params that differ from the defaults",
         "",
@@ -86,23 +97,28 @@ def build_report(
         "",
     ]
     for phase in PHASE_STAGES:
-        predictions = pd.read_csv(evaluate_dir / f"predictions_{phase}.csv", dtype=str)
+        predictions = pd.read_csv(
+            evaluate_dir / f"predictions_{phase}.csv",
+            dtype={"path": str, "actual": str, "predicted": str},
+        )
+        names = per_class.loc[per_class["phase"] == phase, "class"].tolist()
+        matrix = _draw_phase(predictions, names, phase, figures_dir)
         lines += [
             f"### {PHASE_TITLES[phase]}",
             "",
             f"![confusion matrix, {PHASE_TITLES[phase]}]"
-            f"({link(evaluate_dir / f'confusion_{phase}.png')})",
+            f"({link(figures_dir / f'confusion_{phase}.png')})",
             "",
             "Most confused pairs:",
             "",
-            _confused_pairs(predictions),
+            _confused_pairs(matrix, names),
             "",
         ]
     lines += ["## Per class, worst first", ""]
     lines += [_per_class(evaluate_dir / "per_class.csv"), ""]
     lines += ["## Test predictions: the most confident errors, then a few correct", ""]
     lines += [
-        f"![test predictions, {PHASE_TITLES[phase]}]({link(evaluate_dir / f'grid_{phase}.png')})"
+        f"![test predictions, {PHASE_TITLES[phase]}]({link(figures_dir / f'grid_{phase}.png')})"
         for phase in PHASE_STAGES
     ]
     text = "\n".join(lines) + "\n"
@@ -149,14 +165,33 @@ def _per_class(path: Path) -> str:
     return _table([*header, "support"], rows)
 
 
-def _confused_pairs(predictions: pd.DataFrame, k: int = 5) -> str:
-    names = sorted(set(predictions["actual"]) | set(predictions["predicted"]))
+def _draw_phase(
+    predictions: pd.DataFrame, names: list[str], phase: str, figures_dir: Path
+) -> np.ndarray:
+    """A phase's confusion matrix (returned) and its prediction grid, as PNGs."""
     position = {name: i for i, name in enumerate(names)}
-    matrix = (
-        pd.crosstab(predictions["actual"].map(position), predictions["predicted"].map(position))
-        .reindex(index=range(len(names)), columns=range(len(names)), fill_value=0)
-        .to_numpy()
+    actual = predictions["actual"].map(position).to_numpy()
+    predicted = predictions["predicted"].map(position).to_numpy()
+    matrix = confusion(actual, predicted, len(names))
+    title = PHASE_TITLES[phase]
+    plot_confusion(
+        matrix, names, f"confusion matrix, {title}", figures_dir / f"confusion_{phase}.png"
     )
+    chosen = predictions.iloc[
+        grid_choice(actual == predicted, predictions["probability"].to_numpy(), GRID_IMAGES)
+    ]
+    plot_prediction_grid(
+        chosen["path"].tolist(),
+        chosen["actual"].tolist(),
+        chosen["predicted"].tolist(),
+        f"test predictions, {title}: most confident errors, then correct",
+        figures_dir / f"grid_{phase}.png",
+        confidence=chosen["probability"].tolist(),
+    )
+    return matrix
+
+
+def _confused_pairs(matrix: np.ndarray, names: list[str], k: int = 5) -> str:
     pairs = top_confusions(matrix, names, k)
     if not pairs:
         return "None: every test image was classified correctly."
