@@ -35,6 +35,10 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    def device_for(self, requested: str) -> torch.device:
+        """Under torchrun, the device `setup` gave this rank; else `requested` (params.device)."""
+        return self.device if self.distributed else resolve_device(requested)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

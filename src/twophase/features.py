@@ -47,7 +47,7 @@ from twophase.model import (
     resolve_cut,
 )
 from twophase.params import Params, ParamsError
-from twophase.runtime import autocast, autocast_dtype, resolve_device, seed_everything
+from twophase.runtime import autocast, autocast_dtype, seed_everything
 
 if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
     import pandas as pd
@@ -344,7 +344,7 @@ def extract_features(
     from twophase.datasets import class_names
 
     seed_everything(params.seed)
-    device = world.device if world.distributed else resolve_device(params.device)
+    device = world.device_for(params.device)
     arch, weights, size = params.model.arch, params.model.weights, params.data.image_size
     model = build_model(arch, weights, size)
     family = describe(model, arch)

@@ -35,7 +35,7 @@ from twophase.io import atomic_path
 from twophase.model import build_head, resolve_cut
 from twophase.optim import recipe_of
 from twophase.params import Params
-from twophase.runtime import autocast_dtype, resolve_device, seed_everything
+from twophase.runtime import autocast_dtype, seed_everything
 from twophase.train import Batches, EpochStats, FitResult, fit, fit_linear_probe
 
 if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
@@ -80,7 +80,7 @@ def train_transfer(
     """Phase 1: the head alone, on cached embeddings (held in memory: they are small).
     Under DDP, rank 0 alone writes the history and the checkpoint."""
     seed_everything(params.seed)
-    device = world.device if world.distributed else resolve_device(params.device)
+    device = world.device_for(params.device)
     meta = features.load_meta(embeddings_dir)
     train = features.load_embeddings(embeddings_dir, "train", in_memory=True)
     val = features.load_embeddings(embeddings_dir, "val", in_memory=True)
@@ -151,7 +151,7 @@ def finetune(
     starting weights are validated as that last epoch and kept unless an epoch beats them.
     """
     seed_everything(params.seed)
-    device = world.device if world.distributed else resolve_device(params.device)
+    device = world.device_for(params.device)
     model, start = load_checkpoint(transfer_checkpoint)
     family = describe(model, start["arch"])
     blocks = block_names(model, family)
