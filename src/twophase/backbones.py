@@ -134,7 +134,7 @@ class ArchError(ValueError):
 @cache
 def supported_archs() -> tuple[str, ...]:
     """torchvision's classification models of the supported families, by name."""
-    import torchvision
+    import torchvision  # 1.3 s (it imports torch._dynamo): phase 1 never needs it
 
     names = torchvision.models.list_models(module=torchvision.models)
     return tuple(name for name in names if any(f.matches(name) for f in FAMILIES))

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    # torch, torchvision, pandas: seconds that `twophase params` and `--help` need not wait
     from twophase.io import write_csv
     from twophase.predict import collect_images, predict_images, read_checkpoint
 
@@ -86,7 +87,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from twophase.predict import export_model, read_checkpoint
+    from twophase.predict import export_model, read_checkpoint  # torch: as in _predict
 
     model, checkpoint = read_checkpoint(args.checkpoint)
     export_model(model, checkpoint, args.format, args.out)
@@ -95,7 +96,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace) -> int:
-    from twophase.params import load_params, to_dict
+    from twophase.params import load_params, to_dict  # yaml: only this subcommand reads it
 
     print(json.dumps(to_dict(load_params(args.file)), indent=2))
     return 0

@@ -48,7 +48,7 @@ def train_transform(
     ratio 3/4-4/3, at the weights' size); colour operations run on uint8 pixels, before
     normalisation, as torchvision's classification reference does.
     """
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # as above: torchvision only where images are decoded
 
     interpolation = v2.InterpolationMode(prep.interpolation)
     steps: list[Callable[..., torch.Tensor]] = [v2.PILToTensor()]

@@ -45,7 +45,7 @@ def weights_enum(arch: str, weights: str) -> WeightsEnum | None:
     check_arch(arch)
     if weights.lower() == "none" or _looks_like_path(weights) or is_timm(arch):
         return None
-    import torchvision
+    import torchvision  # 1.3 s: only where a torchvision model is built
 
     enum = torchvision.models.get_model_weights(arch)
     name = weights.removeprefix(f"{enum.__name__}.")
@@ -67,7 +67,7 @@ def _looks_like_path(weights: str) -> bool:
 def preprocessing(arch: str, weights: str, model: nn.Module | None = None) -> Preprocessing:
     """The weights' own preprocessing: torchvision's transforms, or timm's data config."""
     if is_timm(arch) and model is not None:
-        from timm.data import resolve_data_config  # type: ignore[attr-defined]
+        from timm.data import resolve_data_config  # type: ignore[attr-defined]  # optional
 
         config = resolve_data_config({}, model=model)  # type: ignore[no-untyped-call]
         return Preprocessing(
@@ -96,7 +96,7 @@ def check_arch(arch: str) -> None:
     """An unsupported name is a params error listing the supported ones."""
     if is_timm(arch):
         try:
-            import timm
+            import timm  # optional: pip install -e '.[timm]'
         except ImportError:
             raise ParamsError(
                 f"model.arch: {arch!r} needs timm: pip install -e '.[timm]'"
@@ -122,11 +122,11 @@ def model_kwargs(arch: str, weights: str, image_size: int) -> dict[str, Any]:
 def create_model(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     """An untrained `arch` from torchvision, or from timm for `timm/<name>`."""
     if is_timm(arch):
-        import timm
+        import timm  # optional dependency
 
         timm_model: nn.Module = timm.create_model(arch.removeprefix(TIMM_PREFIX), **kwargs)
         return timm_model
-    import torchvision
+    import torchvision  # 1.3 s: only where a model is built
 
     model: nn.Module = torchvision.models.get_model(arch, weights=None, **kwargs)
     return model
@@ -165,7 +165,7 @@ def build_model(arch: str, weights: str, image_size: int, progress: bool = True)
 
 def _timm_pretrained(arch: str, weights: str) -> nn.Module:
     """timm's own loading: from the hub for DEFAULT, else from a local file."""
-    import timm
+    import timm  # optional dependency
 
     name = arch.removeprefix(TIMM_PREFIX)
     if weights == "DEFAULT":

@@ -40,7 +40,7 @@ PAGE = """<!DOCTYPE html>
 
 
 def template_html(vega_lite_version: str = VEGA_LITE_VERSION) -> str:
-    import vl_convert
+    import vl_convert  # only to regenerate the template, not to use it
 
     bundle: str = vl_convert.javascript_bundle(vl_version=vega_lite_version)  # type: ignore[call-arg]
     # "</script>" inside the bundle would end the script element early.

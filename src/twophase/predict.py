@@ -169,7 +169,7 @@ def export_model(model: nn.Module, checkpoint: dict[str, Any], fmt: str, out: Pa
 def _export_onnx(
     network: nn.Module, example: torch.Tensor, meta: dict[str, str], out: Path
 ) -> None:
-    import onnx
+    import onnx  # only to save ONNX; TorchScript exports and predict never need it
 
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
