@@ -65,6 +65,29 @@ def test_a_checkpoint_loads_its_own_tensors_without_initialising_new_ones(
         assert mine.device.type == "cpu" and torch.equal(mine, expected), name
 
 
+def test_loading_to_train_draws_from_the_rng_as_building_always_did(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def build(_: dict) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+    checkpoint = {"state_dict": build({}).state_dict()}
+    monkeypatch.setattr(checkpoint_module, "build_network", build)
+    draws = []
+    for load in (
+        lambda: checkpoint_module.network_of(checkpoint, initialise=True),
+        lambda: build({}),
+        lambda: checkpoint_module.network_of(checkpoint),
+        lambda: None,
+    ):
+        torch.manual_seed(0)
+        load()
+        draws.append(torch.rand(1).item())
+    assert draws[0] == draws[1], "phase 2 must start from the RNG state it always had"
+    assert draws[2] == draws[3], "loading for inference leaves the RNG alone"
+    assert draws[0] != draws[2]
+
+
 class WithScratchBuffer(nn.Module):
     def __init__(self) -> None:
         super().__init__()

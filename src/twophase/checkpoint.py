@@ -74,20 +74,18 @@ def build_network(checkpoint: dict[str, Any]) -> nn.Module:
     return model
 
 
-def network_of(checkpoint: dict[str, Any]) -> nn.Module:
+def network_of(checkpoint: dict[str, Any], initialise: bool = False) -> nn.Module:
     """The checkpoint's network with its trained weights.
 
     Built on the meta device and then handed the checkpoint's tensors: initialising weights that
     are about to be replaced takes 0.2 s for a ResNet18 on a 2-core CPU, more than scoring the
     digits test split. Built the ordinary way where that cannot work: a constructor that computes
-    with tensor values (RegNet's widths), a buffer the checkpoint lacks (`persistent=False`).
+    with tensor values (RegNet's widths), a buffer the checkpoint lacks (`persistent=False`), and
+    with `initialise`, for training that continues from the checkpoint: initialising draws from
+    the global RNG, so phase 2's dropout masks and batch order start where they always did.
     """
     state = checkpoint["state_dict"]
-    try:
-        with torch.device("meta"):
-            model = build_network(checkpoint)
-    except (NotImplementedError, RuntimeError):
-        model = None
+    model = None if initialise else _meta_network(checkpoint)
     if model is not None:
         model.load_state_dict(state, assign=True)
         if not any(tensor.is_meta for tensor in chain(model.parameters(), model.buffers())):
@@ -97,10 +95,18 @@ def network_of(checkpoint: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A saved network, ready for inference or more training, and its metadata."""
+def _meta_network(checkpoint: dict[str, Any]) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            return build_network(checkpoint)
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def load_checkpoint(path: Path, initialise: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """A saved network, ready for inference or (with `initialise`: see `network_of`) training."""
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    return network_of(checkpoint), checkpoint
+    return network_of(checkpoint, initialise), checkpoint
 
 
 def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:

@@ -152,7 +152,7 @@ def finetune(
     """
     seed_everything(params.seed)
     device = world.device_for(params.device)
-    model, start = load_checkpoint(transfer_checkpoint)
+    model, start = load_checkpoint(transfer_checkpoint, initialise=True)
     family = describe(model, start["arch"])
     blocks = block_names(model, family)
     cut = resolve_cut(start["arch"], blocks, params.finetune.unfreeze)
