@@ -61,7 +61,6 @@ class Optimizer:
     def __init__(self, param_groups: list[dict[str, Any]], recipe: Recipe) -> None:
         if recipe.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
-        self.kind = recipe.optimizer
         self.recipe = recipe
         self.param_groups = param_groups
         self.state: dict[torch.Tensor, dict[str, Any]] = {}
@@ -83,7 +82,7 @@ class Optimizer:
                 if param.grad is not None:
                     params.append(param)
                     grads.append(param.grad)
-            if self.kind == "sgd":
+            if self.recipe.optimizer == "sgd":
                 self._sgd_step(params, grads, group["lr"])
             else:
                 self._adam_step(params, grads, group["lr"])
@@ -104,7 +103,7 @@ class Optimizer:
             [s["exp_avg_sq"] for s in states],
             [],
             [s["step"] for s in states],
-            decoupled_weight_decay=self.kind == "adamw",
+            decoupled_weight_decay=self.recipe.optimizer == "adamw",
             amsgrad=False,
             beta1=ADAM_BETAS[0],
             beta2=ADAM_BETAS[1],

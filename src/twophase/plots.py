@@ -125,6 +125,7 @@ def plot_prediction_grid(
     count = len(paths)
     rows = max(1, -(-count // columns))
     cell, caption = GRID_CELL_PX, GRID_CAPTION_PX
+    room = cell - 2 * GRID_GAP_PX
     mosaic = Image.new("RGB", (columns * cell, rows * (cell + caption)), "white")
     fig = Figure(figsize=(3 * columns, 3.3 * rows))
     ax = fig.add_axes((0.0, 0.0, 1.0, 0.94))
@@ -134,7 +135,6 @@ def plot_prediction_grid(
         zip(paths, true_names, predicted_names, shown, strict=False)
     ):
         image = load_rgb(image_path, min_side=cell)
-        room = cell - 2 * GRID_GAP_PX
         smaller = image.width < room and image.height < room
         resample = Image.Resampling.NEAREST if smaller else Image.Resampling.LANCZOS
         image = ImageOps.contain(image, (room, room), resample)
