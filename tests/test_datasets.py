@@ -327,3 +327,47 @@ def test_index_round_trips_through_csv(tmp_path: Path, imagefolder: Path) -> Non
     index = build_index("imagefolder", imagefolder)
     write_csv(index, tmp_path / "index.csv")
     pd.testing.assert_frame_equal(read_index(tmp_path / "index.csv"), index)
+
+
+# Folder names pandas reads as NaN by default, and names that collide as numbers
+AWKWARD_CLASSES = ("NA", "None", "null", "nan", "NULL", "01", "1", "1.0")
+
+
+def test_class_names_stay_the_folder_names_through_index_split_and_export(
+    tmp_path: Path,
+) -> None:
+    from twophase.datasets import read_index
+    from twophase.io import write_csv
+    from twophase.predict import export_metadata
+    from twophase.split import split_index
+
+    root = make_imagefolder(tmp_path / "folder", AWKWARD_CLASSES, train=2, test=1)
+    write_csv(build_index("imagefolder", root), tmp_path / "index.csv")
+    split = split_index(read_index(tmp_path / "index.csv"), 0.5, seed=0)
+    write_csv(split, tmp_path / "split.csv")
+    reread = read_index(tmp_path / "split.csv")  # as the features and evaluate stages read it
+    names = class_names(reread)
+    assert names == sorted(AWKWARD_CLASSES)
+    assert reread["class_name"].tolist() == split["class_name"].tolist()
+    folders = [Path(path).parent.name for path in reread["path"]]
+    assert folders == reread["class_name"].tolist()
+    metadata = export_metadata(
+        {"arch": "resnet18", "class_names": names, "image_size": 32, "preprocessing": {}}
+    )
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(metadata["twophase.class_names"], parse_constant=refuse) == names
+
+
+def test_index_csv_cells_pandas_would_read_as_missing_stay_strings(tmp_path: Path) -> None:
+    from twophase.datasets import read_index
+
+    (tmp_path / "index.csv").write_text(
+        "path,label,class_name,split\nN/A,0,N/A,train\nNULL,1,01,train\n#N/A,2,1,test\n"
+    )
+    index = read_index(tmp_path / "index.csv")
+    assert index["path"].tolist() == ["N/A", "NULL", "#N/A"]
+    assert index["class_name"].tolist() == ["N/A", "01", "1"]
+    assert index["label"].tolist() == [0, 1, 2]

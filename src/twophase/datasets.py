@@ -369,7 +369,16 @@ def _portable(path: Path) -> str:
 
 
 def read_index(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"path": str, "label": np.int64, "class_name": str})
+    """data/index.csv or data/split.csv, paths and class names exactly as written.
+
+    `keep_default_na=False`: pandas otherwise reads cells such as `NA`, `None`, `null`, `nan`
+    or `N/A` as missing, even in string columns, and a class folder may have such a name.
+    """
+    return pd.read_csv(
+        path,
+        dtype={"path": str, "label": np.int64, "class_name": str, "split": str, "subset": str},
+        keep_default_na=False,
+    )
 
 
 def class_names(index: pd.DataFrame) -> list[str]:

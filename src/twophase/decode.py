@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
-    """Open any common image file as 8-bit RGB.
+    """Open any common image file as 8-bit RGB, upright as its EXIF orientation says.
 
     With `min_side`, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that still leaves the
     short side at least `min_side` pixels: far cheaper than decoding a large photo in full.
@@ -17,9 +17,14 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     with Image.open(path) as opened:
         img: Image.Image = opened
         if min_side is not None and img.format == "JPEG":
+            # the stored size: turning upright swaps width and height at most, so the short
+            # side (what `min_side` bounds) is the same before and after
             width, height = img.size
             scale = max(min_side / min(width, height), 1 / 8)
             opened.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
+        # cameras store photos as the sensor read them, with an EXIF tag saying how to turn
+        # them upright, which PIL does not apply on its own; in place: no copy when upright
+        ImageOps.exif_transpose(img, in_place=True)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: 0..65535 onto 0..255
             array = np.asarray(img, dtype=np.float64) / 257.0
             img = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8))

@@ -17,7 +17,7 @@ import pandas as pd
 
 from twophase.io import atomic_path, read_json
 from twophase.metrics import HEADLINE, confusion, top_confusions
-from twophase.params import SPEED_ONLY_PARAMS, Params, flatten, to_dict
+from twophase.params import Params, flatten, is_speed_only, to_dict
 from twophase.plots import (
     PHASE_TITLES,
     grid_choice,
@@ -44,7 +44,7 @@ def build_report(
     }
     plot_curves(histories, "loss", figures_dir / "loss.png")
     plot_curves(histories, "acc", figures_dir / "accuracy.png")
-    per_class = pd.read_csv(evaluate_dir / "per_class.csv", dtype={"class": str})
+    per_class = _read_per_class(evaluate_dir / "per_class.csv")
     evaluation = read_json(metrics_dir / "evaluate.json")
     training = {
         phase: read_json(metrics_dir / f"{stage}.json") for phase, stage in PHASE_STAGES.items()
@@ -100,6 +100,7 @@ def build_report(
         predictions = pd.read_csv(
             evaluate_dir / f"predictions_{phase}.csv",
             dtype={"path": str, "actual": str, "predicted": str},
+            keep_default_na=False,  # class names and paths as written: a class may be `NA`
         )
         names = per_class.loc[per_class["phase"] == phase, "class"].tolist()
         matrix = _draw_phase(predictions, names, phase, figures_dir)
@@ -138,16 +139,22 @@ def _params_diff(current: Mapping[str, Any], defaults: Mapping[str, Any]) -> str
     rows = [
         [f"`{key}`", f"`{now[key]}`", f"`{before.get(key)}`"]
         for key in now
-        if now[key] != before.get(key) and key not in SPEED_ONLY_PARAMS
+        if now[key] != before.get(key) and not is_speed_only(key)
     ]
     if not rows:
         return "None: this run used the default params."
     return _table(["param", "value", "default"], rows)
 
 
+def _read_per_class(path: Path) -> pd.DataFrame:
+    """per_class.csv with its class names as written: neither `NA` nor `null` read as missing,
+    nor `01` and `1` as the same number."""
+    return pd.read_csv(path, dtype={"phase": str, "class": str}, keep_default_na=False)
+
+
 def _per_class(path: Path) -> str:
     """Precision, recall, F1 and support of both phases per class, lowest phase-2 F1 first."""
-    table = pd.read_csv(path)
+    table = _read_per_class(path)
     wide = table.pivot(index="class", columns="phase", values=["precision", "recall", "f1"])
     support = table.groupby("class")["support"].first()
     order = wide[("f1", "finetune")].sort_values(kind="stable").index
