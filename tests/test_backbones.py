@@ -69,10 +69,11 @@ def test_an_unsupported_arch_lists_the_supported_ones() -> None:
         ("resnet18", ["layer3", "layer4"], "layer3"),
         ("resnet18", ["1"], "layer4"),
         ("resnet18", ["all"], None),
-        ("convnext_tiny", ["features.7"], "features.7"),
-        ("convnext_tiny", ["3"], "features.5"),
+        ("convnext_tiny", ["features.6"], "features.6"),  # with features.7 (tests/test_blocks)
+        ("convnext_tiny", ["3"], "features.2"),
+        ("efficientnet_b0", ["features.4", "features.6"], "features.4"),
         ("vit_b_16", ["encoder.layers.encoder_layer_11"], "encoder.layers.encoder_layer_11"),
-        ("swin_t", ["2"], "features.6"),
+        ("swin_t", ["2"], "features.4"),
     ],
 )
 def test_unfreeze_names_blocks_in_the_models_own_terms(
@@ -205,11 +206,12 @@ def test_timm_blocks_come_from_feature_info_and_the_tail_is_checked() -> None:
 
     model = build_model("timm/efficientnet_b0", "none", 32)
     family = describe(model, "timm/efficientnet_b0")
-    assert block_names(model, family) == [f"blocks.{i}" for i in (0, 1, 2, 4, 6)]
+    # feature_info ends stages at blocks.0, .1, .2, .4, .6: the stages start after the last one
+    assert block_names(model, family) == [f"blocks.{i}" for i in (0, 1, 2, 3, 5)]
     assert family.classifier == "classifier"
-    # from blocks.4 on, the unnamed stage blocks.5 runs too, then the final conv
-    steps = family.tail_steps(model, "blocks.4")
-    assert steps == ["blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2", "forward_head"]
+    # from blocks.5 on, its stage's blocks.6 runs too, then the final conv
+    steps = family.tail_steps(model, "blocks.5")
+    assert steps == ["blocks.5", "blocks.6", "conv_head", "bn2", "forward_head"]
     hrnet = build_model("timm/hrnet_w18_small", "none", 64)
     with pytest.raises(ArchError, match="is not supported: its forward after"):
         check_tail(hrnet, describe(hrnet, "timm/hrnet_w18_small"), "stage4", 64, "hrnet")

@@ -2,8 +2,14 @@
 
 The network is always the torchvision model itself; a family only says where things are in it,
 under the model's own module names:
-- `blocks`: the blocks in forward order (a container whose children they are, or their names);
-  phase 2 unfreezes the last N of them, and the features stage caches the input of the first;
+- `blocks`: the blocks in forward order, as their names or as a container and `starts`, the
+  indices of its children where blocks start (every child when empty); phase 2 unfreezes the
+  last N of them, and the features stage caches the input of the first. A block is a resolution
+  stage, as ResNet's `layer1` … `layer4` (`layer4` holds its own downsampling): it runs from its
+  start to the next block's, so a downsampling layer starts the block after it (ConvNeXt's
+  `features.6` with `features.7`) and the children after the last start (EfficientNet's final
+  1x1 conv) belong to the last block; the children before the first start are the stem, which
+  trains only with `unfreeze: all`. A block is named after its first module;
 - `after`: what runs between the last block and the classifier (pooling, norms, flatten), as
   module names or one of the steps in `STEPS`; its output is the embedding the head reads;
 - `classifier`: the module the MLP head replaces;
@@ -11,8 +17,9 @@ under the model's own module names:
   (Swin's own layout) or "tokens" (ViT, N x T x D); "native": cached as the model makes it.
 
 timm models (`model.arch: timm/<name>`, optional extra) describe themselves: `timm_family`
-reads the blocks from the model's `feature_info`, the classifier from its pretrained config and
-what runs after the blocks from the order in which `forward_features` calls its modules.
+reads the blocks from the model's `feature_info` (the module that ends each resolution stage),
+the classifier from its pretrained config and what runs after the blocks from the order in
+which `forward_features` calls its modules.
 """
 
 from __future__ import annotations
@@ -45,17 +52,20 @@ class Family:
     classifier: str
     layout: Layout
     head_modules: tuple[str, ...] = ()  # timm: the top-level modules `forward_head` runs
+    starts: tuple[int, ...] = ()  # the container's children where blocks start; (): every child
 
     def matches(self, arch: str) -> bool:
         return re.fullmatch(self.pattern, arch) is not None
 
     def tail_steps(self, model: nn.Module, first: str) -> list[str]:
-        """What runs from block `first` to the logits: module names, keys of `STEPS`, or
-        FORWARD_HEAD. For timm, `after` is the order of every top-level module in
-        `forward_features`, and a block inside a container brings its later siblings along."""
+        """What runs from module `first` (a block, or any child of the block container) to the
+        logits: module names, keys of `STEPS`, or FORWARD_HEAD. For timm, `after` is the order
+        of every top-level module in `forward_features`, and a module inside a container brings
+        its later siblings along."""
         if self.name != "timm":
-            names = block_names(model, self)
-            return [*names[names.index(first) :], *self.after, self.classifier]
+            blocks = self.blocks
+            chain = list(blocks) if isinstance(blocks, tuple) else _children(model, blocks)
+            return [*chain[chain.index(first) :], *self.after, self.classifier]
         order = list(self.after)
         parent, _, child = first.rpartition(".")
         if parent in order:
@@ -65,6 +75,31 @@ class Family:
         else:
             steps = order[order.index(first) :] if first in order else [first]
         return [*steps, FORWARD_HEAD]
+
+    def block_members(self, model: nn.Module, first: str) -> dict[str, list[str]]:
+        """The modules of each block from block `first` on, by block, in forward order.
+
+        A block holds its start, what follows it in its container up to the next start
+        (EfficientNet's `features.7` and final conv `features.8` belong to `features.6`) and
+        whatever else runs before the next block (timm ResNet's `maxpool` belongs to `act1`).
+        What follows the last block outside its container (norms, pooling, the head) belongs to
+        no block: discriminative LRs give it the head's.
+        """
+        starts = set(block_names(model, self))
+        steps = [s for s in self.tail_steps(model, first) if s not in STEPS and s != FORWARD_HEAD]
+        steps = _expanded(model, steps, starts)
+        last = max(i for i, step in enumerate(steps) if step in starts | {first})
+        container = steps[last].rpartition(".")[0]  # "": a top-level block brings nothing along
+        members: dict[str, list[str]] = {first: []}
+        current = first
+        for i, step in enumerate(steps):
+            if step in starts:
+                current = step
+                members.setdefault(current, [])
+            elif i > last and not (container and step.rpartition(".")[0] == container):
+                break  # past the last block: what follows its container
+            members[current].append(step)
+        return members
 
 
 FAMILIES = (
@@ -91,6 +126,7 @@ FAMILIES = (
         ("avgpool", "classifier.0", "classifier.1"),
         "classifier.2",
         "nchw",
+        starts=(1, 2, 4, 6),  # features.2, .4, .6 downsample; .0 is the stem
     ),
     Family(
         "EfficientNet and EfficientNetV2",
@@ -99,14 +135,25 @@ FAMILIES = (
         ("avgpool", "flatten", "classifier.0"),
         "classifier.1",
         "nchw",
+        starts=(1, 2, 3, 4, 6),  # .1 runs at the stem's resolution; the final 1x1 conv joins .6
     ),
     Family(
-        "MobileNetV3",
-        r"mobilenet_v3_(small|large)",
+        "MobileNetV3-Large",
+        r"mobilenet_v3_large",
         "features",
         ("avgpool", "flatten", "classifier.0", "classifier.1", "classifier.2"),
         "classifier.3",
         "nchw",
+        starts=(1, 2, 4, 7, 13),  # .1 runs at the stem's resolution; the final 1x1 conv joins .13
+    ),
+    Family(
+        "MobileNetV3-Small",
+        r"mobilenet_v3_small",
+        "features",
+        ("avgpool", "flatten", "classifier.0", "classifier.1", "classifier.2"),
+        "classifier.3",
+        "nchw",
+        starts=(1, 2, 4, 9),  # every start downsamples; the final 1x1 conv joins .9
     ),
     Family(
         "ViT",
@@ -123,6 +170,7 @@ FAMILIES = (
         ("norm", "permute", "avgpool", "flatten"),
         "head",
         "nhwc",
+        starts=(1, 2, 4, 6),  # features.2, .4, .6 are the patch merging layers; .0 is the stem
     ),
 )
 
@@ -157,7 +205,7 @@ def describe(model: nn.Module, arch: str) -> Family:
 
 
 def timm_family(model: nn.Module, arch: str) -> Family:
-    """A timm model's blocks (its `feature_info` modules), classifier and trailing modules.
+    """A timm model's blocks (its `feature_info` stages), classifier and trailing modules.
 
     The modules `forward_features` calls after the blocks are found by watching one forward
     pass; the features stage then checks that the tail computed this way gives the model's own
@@ -170,7 +218,7 @@ def timm_family(model: nn.Module, arch: str) -> Family:
             f"model.arch: {arch!r} names no feature_info stages or a single classifier: "
             "not supported"
         )
-    blocks = tuple(str(info["module"]) for info in feature_info)
+    blocks = tuple(_stage_starts(model, [str(info["module"]) for info in feature_info]))
     order = _forward_features_order(model)
     head_modules = tuple(name for name, _ in model.named_children() if name not in order)
     return Family(
@@ -182,6 +230,27 @@ def timm_family(model: nn.Module, arch: str) -> Family:
         "native",
         head_modules,
     )
+
+
+def _stage_starts(model: nn.Module, ends: list[str]) -> list[str]:
+    """Where each of a timm model's blocks starts, given the module that ends each one.
+
+    `feature_info` names the last module of each resolution stage (efficientnet_b0: `blocks.0`,
+    `.1`, `.2`, `.4`, `.6`). When the previous stage ends in the same container, a stage starts
+    right after it (`blocks.5` starts the stage `blocks.5`, `blocks.6`); otherwise (the first
+    stage, or a stage after a top-level one, as timm ResNet's `layer1` after the stem's `act1`)
+    it starts at its own module, and what runs before it belongs to the block before.
+    """
+    starts = []
+    for previous, end in zip(["", *ends[:-1]], ends, strict=True):
+        parent, _, _ = end.rpartition(".")
+        previous_parent, _, previous_child = previous.rpartition(".")
+        if parent and previous_parent == parent:
+            siblings = [name for name, _ in model.get_submodule(parent).named_children()]
+            starts.append(f"{parent}.{siblings[siblings.index(previous_child) + 1]}")
+        else:
+            starts.append(end)
+    return starts
 
 
 def _forward_features_order(model: nn.Module) -> list[str]:
@@ -204,15 +273,32 @@ def _forward_features_order(model: nn.Module) -> list[str]:
 
 
 def block_names(model: nn.Module, family: Family) -> list[str]:
-    """The family's blocks in `model`, in forward order, under the model's own names.
+    """The family's blocks in `model`, in forward order, under the names of their first modules.
 
-    A block that is one of several children of a container (timm's `blocks.4` among
-    `blocks.0..6`) brings its unnamed siblings after it into the tail: they run after it.
+    A block that is one of several children of a container (timm's `blocks.5` among
+    `blocks.0..6`) brings its siblings after it into the tail: they run after it.
     """
     if isinstance(family.blocks, tuple):
         return list(family.blocks)
-    container = model.get_submodule(family.blocks)
-    return [f"{family.blocks}.{name}" for name, _ in container.named_children()]
+    children = _children(model, family.blocks)
+    return [children[i] for i in family.starts] if family.starts else children
+
+
+def _children(model: nn.Module, container: str) -> list[str]:
+    """The full names of a container's children, in order."""
+    return [f"{container}.{name}" for name, _ in model.get_submodule(container).named_children()]
+
+
+def _expanded(model: nn.Module, steps: list[str], starts: set[str]) -> list[str]:
+    """`steps` with every module that holds a block replaced by its children (timm's whole
+    `blocks` container runs as one step after a top-level block such as GhostNet's conv_stem)."""
+    expanded: list[str] = []
+    for step in steps:
+        if any(start.startswith(f"{step}.") for start in starts):
+            expanded += _expanded(model, _children(model, step), starts)
+        else:
+            expanded.append(step)
+    return expanded
 
 
 def check_tail(model: nn.Module, family: Family, cut: str, image_size: int, arch: str) -> None:
