@@ -1,8 +1,11 @@
-"""Run by tests/test_distributed.py under torchrun (or alone): features, phase 1 and phase 2 of
-a tiny imagefolder into OUT, as the stages do, with this process's share of the work.
+"""Run by tests/test_distributed.py under torchrun (or alone): features, phase 1, phase 2 and the
+evaluation of a tiny imagefolder into OUT, as the stages do, with this process's share of the
+work.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py \
-        SPLIT_CSV OUT PARAMS_JSON
+        SPLIT_CSV '[["OUT", PARAMS], ...]'
+
+Several runs go one after the other in one process (or one torchrun): each phase seeds itself.
 """
 
 from __future__ import annotations
@@ -11,27 +14,45 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from twophase.datasets import read_index
 from twophase.distributed import setup, teardown
+from twophase.evaluation import evaluate
 from twophase.features import extract_features
-from twophase.params import parse_params
+from twophase.params import Params, parse_params
 from twophase.phases import finetune, train_transfer
 
 
 def main() -> None:
-    split_csv, out, raw = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-    params = parse_params(raw)
-    split = pd.read_csv(split_csv)
+    split_csv, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
+    split = read_index(split_csv)
+    for out, raw in runs:  # one after the other: each phase seeds itself
+        run(split, Path(out), parse_params(raw))
+
+
+def run(split: pd.DataFrame, out: Path, params: Params) -> None:
     world = setup(params.device)
     extract_features(params, split, out / "embeddings", out / "activations", world)
     train_transfer(params, out / "embeddings", out / "t.pt", out / "t.csv", world)
     world.barrier()  # separate stages in the pipeline: phase 2 reads what rank 0 wrote
     finetune(params, out / "activations", out / "t.pt", out / "f.pt", out / "f.csv", split, world)
-    teardown()
+    world.barrier()
+    if world.is_main:
+        checkpoints = {"transfer": out / "t.pt", "finetune": out / "f.pt"}
+        evaluate(
+            params,
+            out / "embeddings",
+            out / "activations",
+            split,
+            checkpoints,
+            out / "evaluate.json",
+            out / "evaluate",
+        )
 
 
 if __name__ == "__main__":
     main()
+    teardown()

@@ -293,45 +293,60 @@ def _without_wall_seconds(content: bytes) -> dict:
     return summary
 
 
-def test_a_killed_stage_leaves_no_partial_output(repo: Path) -> None:
+def test_a_killed_stage_leaves_no_partial_output(repo: Path, tmp_path: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    history = repo / "plots/finetune/history.csv"
+    last_history = history.read_bytes()
     set_params(repo / "params.yaml", {"finetune": {"epochs": 500, "patience": 500}})
     env = {
         **os.environ,
         "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",  # the epoch lines reach the log as they are printed
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    dvc = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    history = repo / "plots/finetune/history.csv"
-    history.unlink()  # the last run's; the new one appears after the first epoch
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and dvc.poll() is None:
-        if history.is_file() and len(history.read_text().splitlines()) >= 3:  # 2 epochs done
-            break
-        time.sleep(0.2)
-    stage = next(
-        p
-        for p in psutil.Process(dvc.pid).children(recursive=True)
-        if p.name().startswith("python") and "stages/finetune.py" in p.cmdline()
-    )
-    stage.send_signal(signal.SIGTERM)  # what a batch scheduler sends, mid-epoch
-    output = dvc.communicate(timeout=120)[0]
+    log = tmp_path / "repro.log"
+    with log.open("w") as sink:
+        dvc = subprocess.Popen(
+            ["dvc", "repro"], cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and dvc.poll() is None:
+            if re.search(r"finetune epoch \d+: .*\nfinetune epoch \d+: ", log.read_text()):
+                break  # the starting weights and one epoch are done: training is under way
+            time.sleep(0.2)
+        stage = next(
+            p
+            for p in psutil.Process(dvc.pid).children(recursive=True)
+            if p.name().startswith("python") and "stages/finetune.py" in p.cmdline()
+        )
+        stage.send_signal(signal.SIGTERM)  # what a batch scheduler sends, mid-epoch
+        dvc.wait(timeout=120)
+    output = log.read_text()
     assert dvc.returncode != 0
     assert "interrupted; unfinished outputs were removed" in output
     assert not (repo / "models/finetune.pt").exists()
     leftovers = [p.name for p in (repo / "models").iterdir() if ".tmp-" in p.name]
     assert not leftovers
+    assert history.read_bytes() == last_history, "the history is written whole, at the end"
     assert "finetune" in run(repo, "dvc", "status")
 
     set_params(repo / "params.yaml", {"finetune": {"epochs": 1}})
     assert ran(run(repo, "dvc", "repro")) == {"finetune", "evaluate", "export", "report"}
     assert (repo / "models/finetune.pt").is_file()
+    assert "up to date" in run(repo, "dvc", "status")
+
+
+def test_a_rejected_param_keeps_the_last_results(repo: Path) -> None:
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    before = {name: (repo / name).read_bytes() for name in TRACKED_RESULTS}
+    output = run(repo, "dvc", "exp", "run", "-S", "train_transfer.epochs=abc", check=False)
+    assert "train_transfer.epochs" in output
+    for name, content in before.items():
+        assert (repo / name).read_bytes() == content, name
+    run(repo, "git", "checkout", "-q", "--", "params.yaml")
+    run(repo, "dvc", "checkout", "-q")  # the checkpoint DVC removed comes back from its cache
     assert "up to date" in run(repo, "dvc", "status")
 
 

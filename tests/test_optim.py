@@ -60,7 +60,15 @@ def test_every_update_equals_torch_optim_bit_for_bit(recipe: Recipe) -> None:
     scales = [0.1, 1.0]
     train(ours, make_optimizer(our_groups, recipe, scales))
     reference = torch_optimizer(
-        [{"params": g, "lr": recipe.lr * s} for g, s in zip(their_groups, scales, strict=True)],
+        [
+            {"params": members, "lr": recipe.lr * s, "weight_decay": decay}
+            for g, s in zip(their_groups, scales, strict=True)
+            for members, decay in (
+                ([p for p in g if p.ndim > 1], recipe.weight_decay),
+                ([p for p in g if p.ndim <= 1], 0.0),  # biases: no decay
+            )
+            if members
+        ],
         recipe,
     )
     train(theirs, reference)
@@ -69,6 +77,26 @@ def test_every_update_equals_torch_optim_bit_for_bit(recipe: Recipe) -> None:
     ):
         assert torch.equal(mine, expected), name
     assert not torch.equal(ours[0].bias, two_groups(seed=1)[0][0].bias)  # seeds differ at all
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_weight_decay_spares_norm_scales_and_biases(kind: str) -> None:
+    """With no gradient from the loss, decay alone moves the weights: matrices and kernels
+    shrink, BatchNorm/LayerNorm scales and shifts and every bias stay as they are."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LayerNorm(4 * 36))
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    optimizer = make_optimizer(
+        [list(net.parameters())], Recipe(lr=0.1, optimizer=kind, weight_decay=0.5)
+    )
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=False)
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    for name, p in net.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (p.ndim > 1), name
 
 
 def test_a_gradient_scaler_steps_it_like_torch_optim() -> None:

@@ -161,6 +161,39 @@ def test_unusable_checkpoints_are_one_line(
     assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("command", ["predict", "export"])
+@pytest.mark.parametrize("where", ["folder", "cwd"])
+def test_out_naming_an_existing_folder_is_refused_and_the_folder_kept(
+    trained: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    where: str,
+) -> None:
+    photos = tmp_path / "photos"
+    kept = [write_image(photos / "a.jpg", seed=1), write_image(photos / "sub" / "b.jpg", seed=2)]
+    monkeypatch.chdir(photos)
+    out = str(photos) if where == "folder" else "."
+    args = [command, str(trained / "finetune.pt")]
+    args += [str(photos), "--out", out] if command == "predict" else ["--out", out]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is a folder" in err[0], err
+    assert all(path.is_file() for path in kept)
+    assert sorted(p.name for p in photos.rglob("*")) == ["a.jpg", "b.jpg", "sub"]
+
+
+def test_an_output_file_never_replaces_a_folder(tmp_path: Path) -> None:
+    from twophase.io import OutputIsFolderError, atomic_path
+
+    folder = tmp_path / "mine"
+    write_image(folder / "keep.jpg", seed=0)
+    with pytest.raises(OutputIsFolderError), atomic_path(folder) as tmp:
+        tmp.write_text("x")
+    assert (folder / "keep.jpg").is_file() and not list(tmp_path.glob(".mine.*"))
+
+
 def _saved(path: Path, obj: object) -> Path:
     torch.save(obj, path)
     return path
@@ -235,3 +268,60 @@ def test_report_tables_per_class_worst_first_and_predictions_name_files(trained:
     assert lines[0].startswith("| class | precision 1 | precision 2 |")
     f1_phase2 = [float(line.split("|")[7]) for line in lines[2:]]
     assert f1_phase2 == sorted(f1_phase2) and len(f1_phase2) == 3
+
+
+def _evaluated(folder: Path, names: list[str], truth: list[int], predicted: list[int]) -> None:
+    """What the evaluate and training stages write for the report, both phases alike."""
+    from twophase.io import write_csv, write_json
+    from twophase.metrics import score, side_by_side
+    from twophase.report import PHASE_STAGES
+
+    paths = [str(write_image(folder / "images" / f"{i}.jpg", i)) for i in range(len(truth))]
+    scores = score(np.array(truth), np.array(predicted), names)
+    rows = [{"phase": phase, **row} for phase in PHASE_STAGES for row in scores["per_class"]]
+    write_csv(pd.DataFrame(rows), folder / "plots/per_class.csv")
+    write_json(side_by_side(scores, scores, len(truth)), folder / "metrics/evaluate.json")
+    for phase, stage in PHASE_STAGES.items():
+        predictions = {
+            "path": paths,
+            "actual": [names[i] for i in truth],
+            "predicted": [names[i] for i in predicted],
+            "probability": 0.5,
+        }
+        write_csv(pd.DataFrame(predictions), folder / f"plots/predictions_{phase}.csv")
+        history = {"epoch": [0], "train_loss": [1.0], "val_loss": [1.0]}
+        write_csv(
+            pd.DataFrame({**history, "train_acc": [0.5], "val_acc": [0.5]}),
+            folder / f"plots/{stage}/history.csv",
+        )
+        write_json({"best_epoch": 0}, folder / f"metrics/{stage}.json")
+
+
+def test_report_per_class_table_keeps_classes_equal_as_numbers_apart(tmp_path: Path) -> None:
+    from twophase.report import _per_class
+
+    names = ["01", "1", "1.0"]
+    _evaluated(tmp_path, names, [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 2])
+    lines = _per_class(tmp_path / "plots/per_class.csv").splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["`01`", "`1`", "`1.0`"]
+    assert [line.split("|")[-2].strip() for line in lines[2:]] == ["2", "2", "2"]
+
+
+def test_report_keeps_class_names_pandas_reads_as_missing(tmp_path: Path) -> None:
+    from twophase.params import Params
+    from twophase.report import build_report
+
+    names = ["01", "1", "NA", "null"]
+    _evaluated(tmp_path, names, [0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 1, 0, 3, 3])
+    text = build_report(
+        Params(),
+        metrics_dir=tmp_path / "metrics",
+        plots_dir=tmp_path / "plots",
+        evaluate_dir=tmp_path / "plots",
+        report_path=tmp_path / "report.md",
+        figures_dir=tmp_path / "figures",
+    )
+    for name in names:
+        assert text.count(f"| `{name}` |") == 1, name
+    assert "| NA | null | 1 |" in text and "| 01 | 1 | 1 |" in text
+    assert "nan" not in text.lower()

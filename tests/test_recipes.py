@@ -41,6 +41,36 @@ def test_onecycle_rises_then_anneals_to_almost_nothing() -> None:
     assert factors[-1] < 0.05
 
 
+@pytest.mark.parametrize(("epochs", "warmup"), [(3, 0), (4, 0), (15, 0), (15, 13), (50, 5)])
+def test_onecycle_reaches_its_annealed_end_in_the_last_epoch(epochs: int, warmup: int) -> None:
+    """Read off the history's LR column, as a user sees it in `dvc plots show`."""
+    torch.manual_seed(0)
+    x, y = separable_embeddings(32)
+    result = fit(
+        build_head(8, [], 0.0, 3),
+        array_batches(x, y, 32, True),
+        array_batches(x, y, 32),
+        lr=0.01,
+        epochs=epochs,
+        patience=epochs,
+        device=CPU,
+        recipe=Recipe(lr=0.01, schedule="onecycle", warmup_epochs=warmup),
+    )
+    lrs = [row.lr for row in result.history]
+    assert len(lrs) == epochs
+    assert lrs[0] == pytest.approx(0.01 / 25) and max(lrs) == pytest.approx(0.01)
+    assert lrs[-1] == pytest.approx(0.01 / 1e4)
+
+
+@pytest.mark.parametrize(("epochs", "warmup"), [(1, 0), (2, 0), (5, 4)])
+def test_onecycle_too_short_to_peak_and_anneal_is_a_params_error(epochs: int, warmup: int) -> None:
+    from twophase.params import ParamsError, parse_params
+
+    raw = {"train_transfer": {"schedule": "onecycle", "epochs": epochs, "warmup_epochs": warmup}}
+    with pytest.raises(ParamsError, match=r"^train_transfer\.(epochs|warmup_epochs): "):
+        parse_params(raw)
+
+
 def test_the_history_records_each_epochs_lr() -> None:
     torch.manual_seed(0)
     x, y = separable_embeddings(64)

@@ -47,3 +47,53 @@ def test_split_index_keeps_test_and_stratifies_the_rest() -> None:
     assert val["label"].value_counts().sort_index().tolist() == [8, 4, 2]
     assert split_index(index, 0.2, seed=3).equals(split)
     assert not split_index(index, 0.2, seed=4).equals(split)
+
+
+def _classes_per_batch(labels: np.ndarray, window: int, batch_size: int = 128) -> float:
+    from twophase.batches import BatchOrder
+
+    order = BatchOrder(len(labels), batch_size, shuffle=True, seed=0, window=window)
+    return float(np.mean([len(np.unique(labels[batch])) for batch in order]))
+
+
+@pytest.mark.parametrize(
+    ("classes", "per_class"),
+    [(37, 100), (101, 750)],  # Oxford-IIIT Pet's and Food-101's training lists, class by class
+    ids=["pet", "food101"],
+)
+def test_block_shuffled_batches_mix_classes_almost_as_a_full_shuffle(
+    classes: int, per_class: int
+) -> None:
+    """finetune.shuffle: blocks reads the cache in runs of consecutive rows: the training rows
+    must be stored shuffled, or a batch holds a handful of classes."""
+    labels = np.repeat(np.arange(classes), per_class)  # as torchvision lists them
+    index = pd.DataFrame(
+        {
+            "path": [f"img{i}.jpg" for i in range(len(labels))],
+            "label": labels,
+            "class_name": [f"c{label}" for label in labels],
+            "split": "train",
+        }
+    )
+    split = split_index(index, 0.2, 42)
+    train = split[split["subset"] == "train"]["label"].to_numpy()
+    blocks, full = _classes_per_batch(train, window=8), _classes_per_batch(train, window=0)
+    assert blocks >= 0.8 * full, (blocks, full)
+
+
+def test_the_training_order_is_seeded_and_the_other_subsets_keep_the_index_order() -> None:
+    labels = np.repeat(np.arange(4), 10)
+    index = pd.DataFrame(
+        {
+            "path": [f"{i}.jpg" for i in range(40)],
+            "label": labels,
+            "class_name": "c",
+            "split": "train",
+        }
+    )
+    index.loc[36:, "split"] = "test"
+    a, b = split_index(index, 0.25, 1), split_index(index, 0.25, 1)
+    assert a.equals(b)
+    val, test = a[a["subset"] == "val"], a[a["subset"] == "test"]
+    assert val["path"].tolist() == sorted(val["path"], key=lambda p: int(p[:-4]))
+    assert test["path"].tolist() == ["36.jpg", "37.jpg", "38.jpg", "39.jpg"]

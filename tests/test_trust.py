@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,11 +144,13 @@ def test_torchvision_class_left_without_readable_training_images_is_an_error(
 def test_leftovers_of_a_killed_rename_are_cleaned(tmp_path: Path) -> None:
     from twophase.io import atomic_path
 
-    for stale in (".cache.tmp-123", ".cache.old-456"):
+    for stale in (".cache.tmp-99999998", ".cache.old-99999999"):  # no such processes
         write_image(tmp_path / stale / "x.jpg", seed=0)
+    running = write_image(tmp_path / f".cache.tmp-{os.getppid()}" / "x.jpg", seed=0).parent
     with atomic_path(tmp_path / "cache") as tmp:
         tmp.mkdir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    # a concurrent writer's temporary (its process runs) is not ours to remove
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", running.name])
 
 
 def test_phase_two_that_only_gets_worse_hands_back_its_starting_weights() -> None:
@@ -237,3 +240,72 @@ def test_the_disk_check_counts_the_cache_in_bytes(
     usage = type("usage", (), {"free": written})  # room for exactly what is written
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
     assert run(tmp_path / "second") == written
+
+
+DEMO_DVC_YAML = """stages:
+  demo:
+    cmd: python stages/demo.py
+    params: [seed, finetune.lr]
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "fails"),
+    [
+        ({"finetune": {"lr": 3e-5}}, True),
+        ({"seed": 7}, True),
+        ({"train_transfer": {"lr": 1.0}}, False),
+    ],
+    ids=["declared key", "declared section", "another stage's param"],
+)
+def test_a_stage_fails_if_its_params_changed_while_it_ran(
+    in_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    edit: dict,
+    fails: bool,
+) -> None:
+    """`dvc exp run -S` during a `dvc repro` rewrites params.yaml mid-stage: DVC would then
+    record values the stage never used. The stage fails in one line naming what changed."""
+    import yaml
+
+    from twophase.stage import run_stage
+
+    (in_tmp / "dvc.yaml").write_text(DEMO_DVC_YAML)
+    start = {"seed": 42, "finetune": {"lr": 1e-5}, "train_transfer": {"lr": 1e-4}}
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump(start))
+    monkeypatch.setattr("sys.argv", ["stages/demo.py"])
+
+    def main() -> None:  # what a user's `dvc exp run -S` does while the stage trains
+        changed = {
+            k: {**v, **edit[k]} if isinstance(v, dict) else edit[k]
+            for k, v in start.items()
+            if k in edit
+        }
+        (in_tmp / "params.yaml").write_text(yaml.safe_dump({**start, **changed}))
+
+    if not fails:
+        run_stage(main)
+        return
+    with pytest.raises(SystemExit) as exited:
+        run_stage(main)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "params.yaml changed while this stage ran" in err[0], err
+    assert next(iter(edit)) in err[0]
+
+
+def test_the_report_lists_no_speed_only_param_as_a_difference() -> None:
+    """Speed-only params are no dependency of the report stage, so a value shown there would
+    be stale; and they change no result. Real differences are still listed."""
+    from twophase.params import Params, to_dict
+    from twophase.report import _params_diff
+
+    defaults = to_dict(Params())
+    current = to_dict(Params())
+    current["compute"].update(nproc=2, num_workers=4)
+    current["features"].update(batch_size=16, num_workers=0)
+    assert _params_diff(current, defaults) == "None: this run used the default params."
+    current["finetune"]["lr"] = 3e-5
+    table = _params_diff(current, defaults)
+    assert "`finetune.lr`" in table and "compute" not in table and "batch_size" not in table

@@ -57,10 +57,21 @@ class BatchOrder:
         order = self._permutation() if self.shuffle else np.arange(self.size)
         for start in range(0, self.size, self.batch_size):
             batch = np.sort(order[start : start + self.batch_size])
-            yield batch if self.ranks == 1 else np.array_split(batch, self.ranks)[self.rank]
+            if self.ranks == 1:
+                yield batch
+            else:
+                start = slice_start(len(batch), self.rank, self.ranks)
+                yield batch[start : slice_start(len(batch), self.rank + 1, self.ranks)]
 
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
+
+
+def slice_start(batch_size: int, rank: int, ranks: int) -> int:
+    """Where rank `rank`'s contiguous slice of a global batch starts: the first
+    `batch_size % ranks` slices hold one row more (numpy's array_split)."""
+    base, extra = divmod(batch_size, ranks)
+    return rank * base + min(rank, extra)
 
 
 def as_float_tensor(array: np.ndarray) -> torch.Tensor:
@@ -110,6 +121,8 @@ class ArrayBatches:
                 pin_memory=pin_memory,
                 prefetch_factor=2,
                 persistent_workers=True,
+                # its own generator: starting the workers must not draw from the global RNG
+                generator=torch.Generator().manual_seed(seed),
             )
 
     def set_epoch(self, epoch: int) -> None:

@@ -30,9 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     predict.add_argument("checkpoint", type=Path, help="e.g. models/finetune.pt")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, globs")
-    predict.add_argument("--out", type=Path, default=Path("predictions.csv"))
-    predict.add_argument("--top-k", type=int, default=5)
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
+        help="the CSV file to write (default: predictions.csv); an existing folder is refused",
+    )
+    predict.add_argument("--top-k", type=int, default=5, help="classes per row (default: 5)")
+    predict.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
     export = commands.add_parser(
@@ -43,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     export.add_argument("checkpoint", type=Path)
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument(
+        "--out", type=Path, required=True, help="the file to write; an existing folder is refused"
+    )
 
     params = commands.add_parser("params", help="print params.yaml validated, defaults filled in")
     params.add_argument("file", nargs="?", type=Path, default=Path("params.yaml"))
@@ -67,6 +76,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise TwophaseError("--top-k and --batch-size must be at least 1")
+    _check_out(args.out)
     model, checkpoint = read_checkpoint(args.checkpoint)
     images, skipped = collect_images(args.paths)
     for path, reason in skipped:
@@ -89,10 +99,20 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from twophase.predict import export_model, read_checkpoint  # torch: as in _predict
 
+    _check_out(args.out)
     model, checkpoint = read_checkpoint(args.checkpoint)
     export_model(model, checkpoint, args.format, args.out)
     print(f"{checkpoint['arch']} ({args.format}) -> {args.out}")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output path that is an existing folder before any work: the file written
+    there would have to replace the folder and everything in it."""
+    if out.is_dir():
+        raise TwophaseError(
+            f"--out: {str(out)!r} is a folder; give a file path, e.g. {str(out / 'NAME')!r}"
+        )
 
 
 def _params(args: argparse.Namespace) -> int:

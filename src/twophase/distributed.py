@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from twophase.runtime import resolve_device
 
@@ -88,8 +88,69 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def rank_slice(batch: np.ndarray, world: World) -> np.ndarray:
-    """This rank's contiguous part of a global batch (the batches' sizes differ by at most 1)."""
-    if not world.distributed:
-        return batch
-    return np.array_split(batch, world.size)[world.rank]
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm that, training under DDP, normalises with the statistics of the whole global
+    batch (every rank's slice), as one process does: SyncBatchNorm's role, on gloo and CPU too
+    (torch's SyncBatchNorm needs a GPU). The all-reduces are differentiable, so the gradients
+    are the global batch's. Same parameters and buffers as the layer it replaces."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        from torch.distributed.nn.functional import (  # differentiable all-reduce
+            all_reduce,
+        )
+
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        x = input.float()
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        local = torch.cat([x.sum(dims), count])
+        totals: torch.Tensor = all_reduce(local)  # type: ignore[no-untyped-call]
+        rows = totals[-1]
+        mean = totals[:-1] / rows
+        squares = ((x - mean.view(shape)) ** 2).sum(dims)
+        var: torch.Tensor = all_reduce(squares) / rows  # type: ignore[no-untyped-call]
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                assert self.num_batches_tracked is not None and self.running_var is not None
+                self.num_batches_tracked.add_(1)
+                m = self.momentum
+                if m is None:  # a cumulative moving average, as _BatchNorm does
+                    m = 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (rows / (rows - 1).clamp(min=1))
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        result: torch.Tensor = out.to(input.dtype)
+        return result
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace, in place, every BatchNorm layer under `module` by a GlobalBatchNorm sharing its
+    parameters and buffers (the state dict keeps its keys); returns `module`."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            child, GlobalBatchNorm
+        ):
+            twin = GlobalBatchNorm(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+            )
+            twin.weight, twin.bias = child.weight, child.bias
+            twin.running_mean, twin.running_var = child.running_mean, child.running_var
+            twin.num_batches_tracked = child.num_batches_tracked
+            twin.train(child.training)
+            setattr(module, name, twin)
+        else:
+            global_batchnorm(child)
+    return module

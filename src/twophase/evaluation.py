@@ -39,6 +39,7 @@ def evaluate(
     test_rows = split[split["subset"] == "test"].reset_index(drop=True)
     scores: dict[str, dict[str, Any]] = {}
     per_class = []
+    predictions: dict[str, pd.DataFrame] = {}
     for phase, checkpoint_path in checkpoints.items():
         network, checkpoint = load_checkpoint(checkpoint_path)
         names: list[str] = checkpoint["class_names"]
@@ -55,17 +56,17 @@ def evaluate(
         predicted, truth = predicted_t.numpy(), labels.numpy()
         scores[phase] = score(truth, predicted, names)
         per_class += [{"phase": phase, **row} for row in scores[phase]["per_class"]]
-        write_csv(
-            pd.DataFrame(
-                {
-                    "path": test_rows["path"],
-                    "actual": [names[i] for i in truth],
-                    "predicted": [names[i] for i in predicted],
-                    "probability": confidence.numpy().round(6),
-                }
-            ),
-            plots_dir / f"predictions_{phase}.csv",
+        predictions[phase] = pd.DataFrame(
+            {
+                "path": test_rows["path"],
+                "actual": [names[i] for i in truth],
+                "predicted": [names[i] for i in predicted],
+                "probability": confidence.numpy().round(6),
+            }
         )
+    # written once every phase is scored: a failure leaves the last run's files as they were
+    for phase, table in predictions.items():
+        write_csv(table, plots_dir / f"predictions_{phase}.csv")
     write_csv(pd.DataFrame(per_class), plots_dir / "per_class.csv")
     summary = side_by_side(scores["transfer"], scores["finetune"], len(test_rows))
     write_json(summary, metrics_path)

@@ -199,7 +199,7 @@ def shared_atomic_path(final: Path, world: World) -> Iterator[Path]:
         world.barrier()  # every rank has written
         world.barrier()  # rank 0 has moved the folder into place
         return
-    with atomic_path(final) as tmp:
+    with atomic_path(final, folder=True) as tmp:
         tmp.mkdir(parents=True)
         world.broadcast(str(tmp))
         yield tmp

@@ -10,23 +10,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twophase.errors import TwophaseError
+
 if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
     import pandas as pd
 
 
+class OutputIsFolderError(TwophaseError):
+    """An output path names an existing folder, which a file must never replace."""
+
+
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success rename it onto `path`, else delete it.
 
-    Works for files and folders alike: whatever the caller creates at the yielded path replaces
-    `path` in one rename, on the same file system.
+    Whatever the caller creates at the yielded path replaces `path` in one rename, on the same
+    file system. An existing folder at `path` is replaced only when `folder` is set (a stage's
+    own output folder); otherwise it is refused before anything is written, so a user's folder
+    named as an output file is never removed.
     """
     path = Path(path)
+    if not folder and path.is_dir():
+        raise OutputIsFolderError(f"{str(path)!r} is a folder: give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # left by a run killed with SIGKILL (before, or between the two renames below)
-    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
-        for stale in path.parent.glob(pattern):
-            _remove(stale)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -40,6 +47,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `path` that a killed run left
+    (SIGKILL, before or between the two renames): only those whose process no longer runs."""
+    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
+        for stale in path.parent.glob(pattern):
+            pid = stale.name.rpartition("-")[2]
+            if pid.isdigit() and not _running(int(pid)):
+                _remove(stale)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process starts no output twice at once: a leftover of an earlier run
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

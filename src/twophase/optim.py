@@ -83,11 +83,13 @@ class Optimizer:
                     params.append(param)
                     grads.append(param.grad)
             if self.recipe.optimizer == "sgd":
-                self._sgd_step(params, grads, group["lr"])
+                self._sgd_step(params, grads, group["lr"], group["weight_decay"])
             else:
-                self._adam_step(params, grads, group["lr"])
+                self._adam_step(params, grads, group["lr"], group["weight_decay"])
 
-    def _adam_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
+    def _adam_step(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, decay: float
+    ) -> None:
         for param in params:
             if param not in self.state:
                 self.state[param] = {
@@ -108,19 +110,21 @@ class Optimizer:
             beta1=ADAM_BETAS[0],
             beta2=ADAM_BETAS[1],
             lr=lr,
-            weight_decay=self.recipe.weight_decay,
+            weight_decay=decay,
             eps=ADAM_EPS,
             maximize=False,
         )
 
-    def _sgd_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
+    def _sgd_step(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, decay: float
+    ) -> None:
         momentum = self.recipe.momentum
         buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
         sgd(
             params,
             grads,
             buffers,
-            weight_decay=self.recipe.weight_decay,
+            weight_decay=decay,
             momentum=momentum,
             lr=lr,
             dampening=0.0,
@@ -135,13 +139,26 @@ class Optimizer:
 def make_optimizer(
     groups: list[list[nn.Parameter]], recipe: Recipe, lr_scales: list[float] | None = None
 ) -> Optimizer:
-    """One parameter group per list, each at `recipe.lr` times its scale (discriminative LRs)."""
+    """One parameter group per list, each at `recipe.lr` times its scale (discriminative LRs).
+
+    Weight decay reaches only weights of two or more dimensions: biases and the scales and
+    shifts of BatchNorm and LayerNorm (one-dimensional) are not pulled towards 0, as in
+    torchvision's references and timm. Each list is split in two groups for that."""
     scales = lr_scales or [1.0] * len(groups)
-    param_groups = [
-        {"params": params, "lr": recipe.lr * scale, "scale": scale}
-        for params, scale in zip(groups, scales, strict=True)
-        if params
-    ]
+    param_groups = []
+    for params, scale in zip(groups, scales, strict=True):
+        decayed = [p for p in params if p.ndim > 1]
+        plain = [p for p in params if p.ndim <= 1]
+        for members, decay in ((decayed, recipe.weight_decay), (plain, 0.0)):
+            if members:
+                param_groups.append(
+                    {
+                        "params": members,
+                        "lr": recipe.lr * scale,
+                        "scale": scale,
+                        "weight_decay": decay,
+                    }
+                )
     return Optimizer(param_groups, recipe)
 
 
@@ -149,14 +166,15 @@ def lr_factor(epoch: int, epochs: int, schedule: str, warmup_epochs: int = 0) ->
     """The LR multiplier of 0-based `epoch` out of `epochs`.
 
     Warm-up rises linearly to 1 over `warmup_epochs`; then `constant` stays at 1, `cosine`
-    anneals to 0 at the end, `onecycle` (warm-up of 30 % of the epochs unless given) rises from
-    1/25 and anneals to 1/1e4, like torch's OneCycleLR but per epoch.
+    anneals towards 0, `onecycle` (at least 3 epochs; warm-up of 30 % of the epochs unless
+    given) starts at 1/25, peaks at 1 in the first epoch after its warm-up and anneals to 1/1e4,
+    reached in the last epoch, like torch's OneCycleLR but per epoch.
     """
     if schedule == "onecycle":
-        warm = warmup_epochs or max(1, round(0.3 * epochs))
+        warm = min(warmup_epochs or max(1, round(0.3 * epochs)), max(1, epochs - 2))
         if epoch < warm:
             return ONECYCLE_START + (1 - ONECYCLE_START) * epoch / warm
-        progress = (epoch - warm) / max(1, epochs - warm)
+        progress = min(1.0, (epoch - warm) / max(1, epochs - 1 - warm))
         return ONECYCLE_END + (1 - ONECYCLE_END) * 0.5 * (1 + math.cos(math.pi * progress))
     if epoch < warmup_epochs:
         return (epoch + 1) / (warmup_epochs + 1)

@@ -44,6 +44,11 @@ SHUFFLES = ("full", "blocks")
 SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers", "compute")
 
 
+def is_speed_only(key: str) -> bool:
+    """A dotted key (`compute.nproc`) among SPEED_ONLY_PARAMS, itself or inside a section."""
+    return any(key == name or key.startswith(f"{name}.") for name in SPEED_ONLY_PARAMS)
+
+
 class ParamsError(TwophaseError, ValueError):
     """A params.yaml problem, phrased as one line the user can act on."""
 
@@ -164,6 +169,20 @@ class PhaseParams:
             self.warmup_epochs,
             f"an integer in [0, {section}.epochs)",
         )
+        if self.schedule == "onecycle" and self.epochs > 0:  # a start, a peak and an end
+            _check(
+                self.epochs >= 3,
+                f"{section}.epochs",
+                self.epochs,
+                f"an integer >= 3 with {section}.schedule: onecycle (it starts low, peaks, "
+                "then anneals to its end in the last epoch)",
+            )
+            _check(
+                self.warmup_epochs <= self.epochs - 2,
+                f"{section}.warmup_epochs",
+                self.warmup_epochs,
+                f"at most {section}.epochs - 2 with onecycle (the peak, then the annealed end)",
+            )
         _check(
             0 <= self.label_smoothing < 1,
             f"{section}.label_smoothing",

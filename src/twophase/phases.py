@@ -13,7 +13,6 @@ on the cached activations, which the streamed network would compute identically.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -60,16 +59,6 @@ def _csv_value(value: float) -> str:
     return str(float(np.round(value, 6)))
 
 
-def _history_writer(path: Path) -> Callable[[EpochStats], None]:
-    rows: list[EpochStats] = []
-
-    def on_epoch(stats: EpochStats) -> None:
-        rows.append(stats)
-        write_history(rows, path)
-
-    return on_epoch
-
-
 def train_transfer(
     params: Params,
     embeddings_dir: Path,
@@ -109,11 +98,13 @@ def train_transfer(
             patience=phase.patience,
             device=device,
             amp_dtype=autocast_dtype(device, params.precision),
-            on_epoch=_history_writer(history_path),
             desc="train_transfer",
             recipe=recipe_of(phase),
             world=world,
+            seed=params.seed,
         )
+        if world.is_main:
+            write_history(result.history, history_path)
     if not world.is_main:
         return result
     classifier = meta["classifier"]
@@ -205,14 +196,16 @@ def finetune(
             amp_dtype=autocast_dtype(device, params.precision),
             first_epoch=start["last_epoch"] + 1,
             validate_start=True,
-            on_epoch=_history_writer(history_path),
             desc="finetune",
             recipe=recipe_of(phase),
             param_groups=groups,
             lr_scales=scales,
             val_model=tail,
             world=world,
+            seed=params.seed,
         )
+        if world.is_main:
+            write_history(result.history, history_path)
         if result.kept_starting_weights and world.is_main:
             print("finetune: no epoch beat phase 1 on validation loss; kept phase 1's weights")
         reads = "activations"
@@ -298,27 +291,38 @@ def streamed_batches(
 def discriminative_groups(
     tail: Tail, blocks: list[str], decay: float
 ) -> tuple[list[list[nn.Parameter]], list[float]]:
-    """Parameter groups for phase 2: the head (and what follows the blocks) at the phase's LR,
-    each earlier unfrozen block at lr * decay**k and, when every block trains, what precedes
-    them (the stem, embeddings) one step lower still. One group when decay is 1."""
+    """Parameter groups for phase 2: each unfrozen block (its start up to the next block's, as
+    `Family.block_members` says) at lr * decay**k, k = 1 for the last block, 2 for the one
+    before, ...; what follows the last block (norms, pooling, the head) at the phase's LR and,
+    when every block trains, what precedes the first (the stem, embeddings) one step below the
+    first block. Every trainable parameter is in exactly one group. One group when decay is 1."""
     trainable = [p for p in tail.parameters() if p.requires_grad]
     if decay == 1.0:
         return [trainable], [1.0]
-    unfrozen = blocks if tail.first is None else [step for step in tail.steps if step in blocks]
-    block_params = [
-        [p for p in tail.model.get_submodule(name).parameters() if p.requires_grad]
-        for name in reversed(unfrozen)
-    ]
-    in_blocks = {id(p) for group in block_params for p in group}
-    rest = [p for p in trainable if id(p) not in in_blocks]
-    groups, scales = [rest, *block_params], [decay**k for k in range(len(block_params) + 1)]
-    if tail.first is not None:
-        return groups, scales
-    from_last_block = Tail(tail.model, tail.family, blocks[-1]).trainable_modules()
-    head_side = {id(p) for module in from_last_block for p in module.parameters()}
-    stem = [p for p in rest if id(p) not in head_side]  # what runs before the first block
-    groups[0] = [p for p in rest if id(p) in head_side]
-    return [*groups, stem], [*scales, decay ** len(groups)]
+    first = blocks[0] if tail.first is None else tail.first
+    members = tail.family.block_members(tail.model, first)
+    placed: set[int] = set()
+    stem: list[nn.Parameter] = []
+    if tail.first is None:  # the stem: what the tail from the first block does not run
+        runs = Tail(tail.model, tail.family, first).trainable_modules()
+        from_first = {id(p) for module in runs for p in module.parameters()}
+        stem = [p for p in trainable if id(p) not in from_first]
+        placed.update(id(p) for p in stem)
+    block_params: list[list[nn.Parameter]] = []
+    for modules in reversed(members.values()):
+        group = []
+        for name in modules:
+            for param in tail.model.get_submodule(name).parameters():
+                if param.requires_grad and id(param) not in placed:
+                    group.append(param)
+                    placed.add(id(param))
+        block_params.append(group)
+    head = [p for p in trainable if id(p) not in placed]
+    groups = [head, *block_params]
+    scales = [decay**k for k in range(len(groups))]
+    if tail.first is None:
+        return [*groups, stem], [*scales, decay ** len(groups)]
+    return groups, scales
 
 
 def finetune_summary(result: FitResult) -> dict[str, float | int | bool]:

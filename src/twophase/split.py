@@ -1,4 +1,6 @@
-"""The seeded, stratified train/val split of the official training split; test stays as is."""
+"""The seeded, stratified train/val split of the official training split; test stays as is.
+
+The training rows are written in a seeded shuffled order, validation and test in index order."""
 
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ def split_index(index: pd.DataFrame, val_ratio: float, seed: int) -> pd.DataFram
         )
     train_positions, val_positions = stratified_split(train["label"].to_numpy(), n_val, seed)
     train_rows, val_rows = train.iloc[train_positions], train.iloc[val_positions]
+    # Training rows keep their seeded shuffled order (datasets list their images class by class):
+    # any contiguous run of the cache, as finetune.shuffle: blocks reads it, mixes the classes.
     parts = [
-        train_rows.sort_index().assign(subset="train"),
+        train_rows.assign(subset="train"),
         val_rows.sort_index().assign(subset="val"),
         index[index["split"] == "test"].assign(subset="test"),
     ]

@@ -8,10 +8,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
+from typing import Any
+
+import yaml
 
 from twophase.errors import TwophaseError
-from twophase.params import ComputeParams, load_params
+from twophase.params import ComputeParams, flatten, load_params, read_yaml
+
+PARAMS_FILE, DVC_YAML = Path("params.yaml"), Path("dvc.yaml")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -45,15 +51,23 @@ def run_stage(
 
     SIGTERM is turned into KeyboardInterrupt like SIGINT, so the temporary outputs being written
     are deleted on the way out (see io.atomic_path) and no half-written file reaches its path.
-    Running out of GPU memory names the `batch_size_param` to lower.
+    Running out of GPU memory names the `batch_size_param` to lower. A stage whose declared
+    params changed in params.yaml while it ran fails (see ParamsGuard).
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if distributed and "LOCAL_RANK" not in os.environ:
+        guard = None if "LOCAL_RANK" in os.environ else ParamsGuard(Path(sys.argv[0]).stem)
+        if distributed and guard is not None:
             compute = load_params().compute
             if compute.processes > 1:
-                sys.exit(_relaunch(torchrun_command(compute, sys.argv[0])))
+                code = _relaunch(torchrun_command(compute, sys.argv[0]))
+                if code:
+                    sys.exit(code)
+                guard.check()
+                return
         main()
+        if guard is not None:
+            guard.check()
     except TwophaseError as err:
         _fail(str(err))
     except Exception as err:
@@ -65,6 +79,67 @@ def run_stage(
         sys.stdout.flush()
         print("twophase: interrupted; unfinished outputs were removed", file=sys.stderr)
         sys.exit(130)
+
+
+class ParamsGuard:
+    """The values of a stage's params when it started, to compare with those at its end.
+
+    DVC records the params of a stage in dvc.lock when the stage ends, from params.yaml as it is
+    then: a `dvc exp run -S` during a `dvc repro` rewrites params.yaml, and the running stage
+    would be recorded with values it never used. The stage fails instead, naming what changed,
+    so DVC records nothing and reruns it. Only the params dvc.yaml declares for the stage count
+    (all of them when dvc.yaml has no such stage).
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.keys = declared_params(stage)
+        self.start = self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        try:
+            raw = read_yaml(PARAMS_FILE.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):  # unreadable now: compared as changed, or failed already
+            return {}
+        flat = flatten(raw) if isinstance(raw, dict) else {}
+        if self.keys is None:
+            return flat
+        return {
+            key: value
+            for key, value in flat.items()
+            if any(key == k or key.startswith(f"{k}.") for k in self.keys)
+        }
+
+    def check(self) -> None:
+        now = self.snapshot()
+        changed = [
+            key for key in sorted({*self.start, *now}) if self.start.get(key) != now.get(key)
+        ]
+        if changed:
+            shown = ", ".join(
+                f"{key}: {self.start.get(key)!r} -> {now.get(key)!r}" for key in changed[:3]
+            )
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise TwophaseError(
+                f"{PARAMS_FILE} changed while this stage ran ({shown}{more}); its outputs were "
+                "made with the old values, so the stage fails rather than let DVC record the new "
+                "ones: rerun it (dvc repro) once params.yaml is as you want it"
+            )
+
+
+def declared_params(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str] | None:
+    """The params keys (sections or dotted keys) that dvc.yaml declares for `stage`."""
+    try:
+        stages = read_yaml(dvc_yaml.read_text(encoding="utf-8")).get("stages", {})
+        declared = stages[stage]["params"]
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return None
+    keys: list[str] = []
+    for item in declared:
+        if isinstance(item, str):
+            keys.append(item)
+        elif isinstance(item, dict):  # {other_file.yaml: [keys]}: not params.yaml's
+            keys += [k for file, ks in item.items() if file == str(PARAMS_FILE) for k in ks]
+    return keys
 
 
 def _relaunch(command: list[str]) -> int:

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from twophase.distributed import SINGLE, World
+from twophase.batches import slice_start
+from twophase.distributed import SINGLE, World, global_batchnorm
+from twophase.dropout import keyed, keyed_dropouts
 from twophase.errors import TwophaseError
 from twophase.model import trainable_parameters
 from twophase.optim import Optimizer, Recipe, make_optimizer, set_epoch_lr
@@ -93,26 +95,29 @@ def run_epoch(
     scaler: torch.amp.GradScaler | None = None,
     label_smoothing: float = 0.0,
     world: World = SINGLE,
+    seed: int = 0,
+    epoch: int = 0,
 ) -> tuple[float, float]:
     """One pass over `batches`; trains when an optimizer is given. Returns (mean loss, accuracy)
-    over every rank's batches."""
+    over every rank's batches. Dropout masks are drawn from (seed, epoch, step, global row)."""
     training = optimizer is not None
     model.train(training)
     loss_sum, correct, seen = 0.0, 0, 0
     smoothing = label_smoothing if training else 0.0
     with torch.set_grad_enabled(training):
-        for inputs, labels in batches:
+        for step, (inputs, labels) in enumerate(batches):
             inputs = _to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
-            with autocast(device, amp_dtype):
+            batch_size = int(world.sum(len(labels))[0]) if training else len(labels)
+            offset = slice_start(batch_size, world.rank, world.size)
+            with autocast(device, amp_dtype), keyed(seed, epoch, step, offset):
                 logits = model(inputs)
             if world.distributed:
                 rank_sum = nn.functional.cross_entropy(
                     logits.float(), labels, label_smoothing=smoothing, reduction="sum"
                 )
                 # DDP averages gradients over ranks: scaled so that they are the global batch's
-                batch_size = world.sum(len(labels))[0] if training else 1.0
-                loss = rank_sum * (world.size / batch_size)
+                loss = rank_sum * (world.size / batch_size) if training else rank_sum
                 loss_sum += rank_sum.item()
             else:
                 loss = nn.functional.cross_entropy(
@@ -157,6 +162,7 @@ def fit(
     lr_scales: list[float] | None = None,
     val_model: nn.Module | None = None,
     world: World = SINGLE,
+    seed: int = 0,
 ) -> FitResult:
     """Train until `epochs` or `patience` epochs without a better val loss; keep the best weights.
 
@@ -170,14 +176,18 @@ def fit(
     `val_model` scores the validation batches when they need another module than `model` (it
     shares `model`'s weights: streamed images train, cached activations validate).
     Under DDP (`world` of several ranks) each rank passes its slice of every batch; the
-    statistics, hence early stopping, are the same on every rank; only rank 0 reports.
+    statistics, hence early stopping, are the same on every rank; only rank 0 reports. The
+    dropout layers are made keyed (dropout.py): their masks are functions of (`seed`, epoch,
+    step, global row), so one process and N processes train the same network.
     """
     recipe = recipe or Recipe(lr=lr)
     val_model = val_model or model
+    keyed_dropouts(model)
     set_epoch = getattr(train_batches, "set_epoch", lambda epoch: None)
     model.to(device).to(memory_format=torch.channels_last)
     trained = model
     if world.distributed:
+        global_batchnorm(model)  # batch statistics of the global batch, as one process has them
         device_ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = make_optimizer(param_groups or [trainable_parameters(model)], recipe, lr_scales)
@@ -231,6 +241,8 @@ def fit(
             scaler,
             recipe.label_smoothing,
             world,
+            seed,
+            epoch,
         )
         val_scores = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
         improved = record(EpochStats(epoch, *train_scores, *val_scores, epoch_lr))
