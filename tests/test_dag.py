@@ -34,9 +34,12 @@ def test_code_deps_are_the_import_closure(name: str) -> None:
 
 
 def test_speed_only_params_are_no_stages_dependency() -> None:
+    """Except `validate`'s, which checks every key and writes the same file whatever they are."""
     from twophase.params import SPEED_ONLY_PARAMS
 
     for name, stage in STAGES.items():
+        if name == "validate":
+            continue
         declared = set()
         for entry in stage.get("params", []):
             declared |= {entry} if isinstance(entry, str) else set(entry)
@@ -50,3 +53,29 @@ def test_the_users_data_folder_is_no_stages_output() -> None:
         outs = {o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])}
         assert not any(o == "${data.root}" or o.startswith("data/raw") for o in outs), name
     assert "${data.root}" in declared_code_deps(STAGES["index"]) | set(STAGES["index"]["deps"])
+
+
+def test_validate_sees_every_section_and_every_other_stage_is_downstream_of_it() -> None:
+    """A rejected value must fail before DVC removes any stage's outputs: `validate` depends on
+    every section of params.yaml and every other stage depends on it, directly or not."""
+    import dataclasses
+
+    from twophase.params import Params
+
+    sections = {f.name for f in dataclasses.fields(Params)}
+    assert set(STAGES["validate"]["params"]) == sections
+    produced = {
+        (o if isinstance(o, str) else next(iter(o))): name
+        for name, stage in STAGES.items()
+        for o in stage.get("outs", [])
+    }
+
+    def upstream(name: str) -> set[str]:
+        found = set()
+        for dep in STAGES[name].get("deps", []):
+            if dep in produced:
+                found |= {produced[dep]} | upstream(produced[dep])
+        return found
+
+    for name in STAGES:
+        assert name == "validate" or "validate" in upstream(name), name

@@ -129,3 +129,27 @@ def test_training_a_head_does_not_import_torch_dynamo() -> None:
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/", 1)[0])
+
+
+@pytest.mark.parametrize(
+    ("arch", "spared"),
+    [
+        ("convnext_tiny", {"layer_scale"}),
+        ("vit_b_16", {"class_token", "pos_embedding"}),
+        ("swin_t", {"relative_position_bias_table"}),
+        ("timm/vit_tiny_patch16_224", {"cls_token", "pos_embed"}),
+    ],
+)
+def test_weight_decay_spares_embeddings_and_layer_scales(arch: str, spared: set[str]) -> None:
+    """Beyond the one-dimensional parameters: tokens, position tables and layer scales of two or
+    more dimensions are no weights either (timm lists its own in `no_weight_decay()`)."""
+    from twophase.model import create_model
+    from twophase.optim import decay_exempt
+
+    model = create_model(arch, {})
+    exempt = decay_exempt(model)
+    named = dict(model.named_parameters())
+    multi = {n.rpartition(".")[2] for n, p in named.items() if id(p) in exempt and p.ndim > 1}
+    assert multi == spared
+    assert all(id(p) in exempt for p in named.values() if p.ndim <= 1)
+    assert any(id(p) not in exempt for p in named.values())  # the weights are decayed

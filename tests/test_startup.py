@@ -20,7 +20,7 @@ from tests.helpers import PROJECT
 from twophase import checkpoint as checkpoint_module
 from twophase.metrics import confusion, score
 
-STAGES_WITHOUT_A_NETWORK = ("download", "index", "split", "report")
+STAGES_WITHOUT_A_NETWORK = ("validate", "download", "index", "split", "report")
 
 
 @pytest.mark.parametrize("stage", STAGES_WITHOUT_A_NETWORK)

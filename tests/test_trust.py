@@ -246,27 +246,34 @@ DEMO_DVC_YAML = """stages:
   demo:
     cmd: python stages/demo.py
     params: [seed, finetune.lr]
+    outs: [out.txt, {kept: {persist: true}}]
+  paramless:
+    cmd: python stages/paramless.py
+    outs: [out.txt]
 """
 
 
 @pytest.mark.parametrize(
-    ("edit", "fails"),
+    ("stage", "edit", "fails"),
     [
-        ({"finetune": {"lr": 3e-5}}, True),
-        ({"seed": 7}, True),
-        ({"train_transfer": {"lr": 1.0}}, False),
+        ("demo", {"finetune": {"lr": 3e-5}}, True),
+        ("demo", {"seed": 7}, True),
+        ("demo", {"train_transfer": {"lr": 1.0}}, False),
+        ("paramless", {"seed": 7}, False),
     ],
-    ids=["declared key", "declared section", "another stage's param"],
+    ids=["declared key", "declared section", "another stage's param", "a stage without params"],
 )
 def test_a_stage_fails_if_its_params_changed_while_it_ran(
     in_tmp: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    stage: str,
     edit: dict,
     fails: bool,
 ) -> None:
     """`dvc exp run -S` during a `dvc repro` rewrites params.yaml mid-stage: DVC would then
-    record values the stage never used. The stage fails in one line naming what changed."""
+    record values the stage never used. The stage fails in one line naming what changed, and
+    removes what it wrote (a persist output, not its to remove, stays)."""
     import yaml
 
     from twophase.stage import run_stage
@@ -274,9 +281,11 @@ def test_a_stage_fails_if_its_params_changed_while_it_ran(
     (in_tmp / "dvc.yaml").write_text(DEMO_DVC_YAML)
     start = {"seed": 42, "finetune": {"lr": 1e-5}, "train_transfer": {"lr": 1e-4}}
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(start))
-    monkeypatch.setattr("sys.argv", ["stages/demo.py"])
+    (in_tmp / "kept").mkdir()
+    monkeypatch.setattr("sys.argv", [f"stages/{stage}.py"])
 
-    def main() -> None:  # what a user's `dvc exp run -S` does while the stage trains
+    def main() -> None:  # the stage writes its output while a user's `-S` edits params.yaml
+        (in_tmp / "out.txt").write_text("trained with the old values")
         changed = {
             k: {**v, **edit[k]} if isinstance(v, dict) else edit[k]
             for k, v in start.items()
@@ -286,6 +295,7 @@ def test_a_stage_fails_if_its_params_changed_while_it_ran(
 
     if not fails:
         run_stage(main)
+        assert (in_tmp / "out.txt").is_file()
         return
     with pytest.raises(SystemExit) as exited:
         run_stage(main)
@@ -293,6 +303,7 @@ def test_a_stage_fails_if_its_params_changed_while_it_ran(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "params.yaml changed while this stage ran" in err[0], err
     assert next(iter(edit)) in err[0]
+    assert not (in_tmp / "out.txt").exists() and (in_tmp / "kept").is_dir()
 
 
 def test_the_report_lists_no_speed_only_param_as_a_difference() -> None:
@@ -309,3 +320,22 @@ def test_the_report_lists_no_speed_only_param_as_a_difference() -> None:
     current["finetune"]["lr"] = 3e-5
     table = _params_diff(current, defaults)
     assert "`finetune.lr`" in table and "compute" not in table and "batch_size" not in table
+
+
+def test_global_batchnorm_replaces_plain_batchnorm_and_refuses_norm_with_activation() -> None:
+    """A BatchNorm subclass may do more than normalise (timm's BatchNormAct2d runs its
+    activation too): replacing it would train a network without it, so it is refused."""
+    import timm
+
+    from twophase.distributed import GlobalBatchNorm, UnsupportedBatchNormError, global_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before, keys = net(x), list(net.state_dict())
+    global_batchnorm(net, {id(net[1])})
+    assert isinstance(net[1], GlobalBatchNorm) and list(net.state_dict()) == keys
+    assert torch.equal(net(x), before)  # one process, eval: the same layer
+    model = timm.create_model("efficientnet_b0", pretrained=False)
+    with pytest.raises(UnsupportedBatchNormError, match=r"^finetune\.batchnorm: .*bn1"):
+        global_batchnorm(model, {id(model.bn1)})

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from twophase.errors import TwophaseError
 from twophase.runtime import resolve_device
 
 
@@ -132,13 +133,25 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return result
 
 
-def global_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace, in place, every BatchNorm layer under `module` by a GlobalBatchNorm sharing its
-    parameters and buffers (the state dict keeps its keys); returns `module`."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
-            child, GlobalBatchNorm
-        ):
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class UnsupportedBatchNormError(TwophaseError):
+    """A layer that normalises by batch statistics but is not a plain BatchNorm."""
+
+
+def global_batchnorm(model: nn.Module, layers: set[int], where: str = "") -> nn.Module:
+    """Replace, in place, the BatchNorm layers of `model` whose ids are in `layers` by
+    GlobalBatchNorms sharing their parameters and buffers (the state dict keeps its keys).
+
+    Only the plain classes are replaced: a subclass may do more in its forward (timm's
+    BatchNormAct2d also runs an activation), so it is refused rather than changed."""
+    for name, child in list(model.named_children()):
+        full = f"{where}.{name}" if where else name
+        if id(child) not in layers:
+            global_batchnorm(child, layers, full)
+        elif type(child) in PLAIN_BATCHNORMS:
+            assert isinstance(child, nn.modules.batchnorm._BatchNorm)
             twin = GlobalBatchNorm(
                 child.num_features,
                 child.eps,
@@ -150,7 +163,11 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
             twin.running_mean, twin.running_var = child.running_mean, child.running_var
             twin.num_batches_tracked = child.num_batches_tracked
             twin.train(child.training)
-            setattr(module, name, twin)
-        else:
-            global_batchnorm(child)
-    return module
+            setattr(model, name, twin)
+        elif not isinstance(child, GlobalBatchNorm):
+            raise UnsupportedBatchNormError(
+                f"finetune.batchnorm: train with compute.nproc > 1 normalises with the global "
+                f"batch's statistics, which {full} ({type(child).__name__}) cannot: use "
+                "finetune.batchnorm: frozen, or one process"
+            )
+    return model

@@ -81,11 +81,15 @@ def keyed(seed: int, epoch: int, step: int, offset: int = 0) -> Iterator[None]:
         _STEP.reset(token)
 
 
-def uniform(
+BITS = 53  # random bits per draw: `draws` are integers in [0, 2**53)
+
+
+def draws(
     shape: tuple[int, ...], device: torch.device, whole_batch: bool = False
 ) -> torch.Tensor | None:
-    """Uniform [0, 1) numbers of `shape` (rows first) for the current keyed step, or None
-    outside one. With `whole_batch`, one draw shared by every row of the global batch."""
+    """Random integers in [0, 2**BITS) of `shape` (rows first) for the current keyed step, or
+    None outside one. With `whole_batch`, one draw shared by every row of the global batch.
+    Integers, not floats: compared with a threshold, they need no float64 (absent on MPS)."""
     step = _STEP.get()
     if step is None:
         return None
@@ -95,8 +99,12 @@ def uniform(
     first = 0 if whole_batch else step.offset
     positions = torch.arange(first, first + rows, device=device, dtype=torch.int64)
     ids = positions[:, None] * per_row + torch.arange(per_row, device=device, dtype=torch.int64)
-    bits = _shift(_hash(ids, layer_key), 11)  # 53 random bits
-    return (bits.double() * 2.0**-53).float().view(shape)
+    return _shift(_hash(ids, layer_key), 64 - BITS).view(shape)
+
+
+def threshold(probability: float) -> int:
+    """The draw below which an event of `probability` happens."""
+    return round(probability * (1 << BITS))
 
 
 class KeyedDropout(nn.Dropout):
@@ -105,12 +113,12 @@ class KeyedDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        draws = uniform(tuple(x.shape), x.device)
-        if draws is None:
+        drawn = draws(tuple(x.shape), x.device)
+        if drawn is None:
             return super().forward(x)
         if self.p == 1:
             return x * 0
-        return x * ((draws >= self.p).to(x.dtype) / (1 - self.p))
+        return x * ((drawn >= threshold(self.p)).to(x.dtype) / (1 - self.p))
 
 
 class KeyedDropPath(nn.Module):
@@ -126,11 +134,12 @@ class KeyedDropPath(nn.Module):
             return x
         rows = x.shape[0] if self.mode == "row" else 1
         shape = (rows,) + (1,) * (x.dim() - 1)
-        draws = uniform(shape, x.device, whole_batch=self.mode == "batch")
-        if draws is None:
-            draws = torch.rand(shape, device=x.device)
         keep = 1 - self.p
-        mask = (draws < keep).to(x.dtype)
+        drawn = draws(shape, x.device, whole_batch=self.mode == "batch")
+        if drawn is None:
+            mask = (torch.rand(shape, device=x.device) < keep).to(x.dtype)
+        else:
+            mask = (drawn < threshold(keep)).to(x.dtype)
         if keep > 0 and self.scale_by_keep:
             mask = mask / keep
         return x * mask

@@ -30,23 +30,28 @@ def atomic_path(path: Path, folder: bool = False) -> Iterator[Path]:
     named as an output file is never removed.
     """
     path = Path(path)
-    if not folder and path.is_dir():
-        raise OutputIsFolderError(f"{str(path)!r} is a folder: give the path of a file to write")
+    _refuse_folder(path, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        _refuse_folder(path, folder)  # a folder may have appeared there meanwhile
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
             tmp.rename(path)
-            _remove(old)
+            remove_output(old)
         else:
             os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_output(tmp)
         raise
+
+
+def _refuse_folder(path: Path, folder: bool) -> None:
+    if not folder and path.is_dir():
+        raise OutputIsFolderError(f"{str(path)!r} is a folder: give the path of a file to write")
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -56,7 +61,7 @@ def remove_stale_temporaries(path: Path) -> None:
         for stale in path.parent.glob(pattern):
             pid = stale.name.rpartition("-")[2]
             if pid.isdigit() and not _running(int(pid)):
-                _remove(stale)
+                remove_output(stale)
 
 
 def _running(pid: int) -> bool:
@@ -71,7 +76,8 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _remove(path: Path) -> None:
+def remove_output(path: Path) -> None:
+    """Remove a file or folder this project wrote (never called on anything else)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():

@@ -136,19 +136,50 @@ class Optimizer:
                 self.state[param] = {"momentum_buffer": buffer}
 
 
+# Parameters of two or more dimensions that are no weights either: token and position
+# embeddings, relative position tables, layer scales (torchvision's names; timm models list
+# theirs in `no_weight_decay()`).
+NO_DECAY_NAMES = (
+    "class_token",
+    "pos_embedding",
+    "relative_position_bias_table",
+    "logit_scale",
+    "layer_scale",
+)
+
+
+def decay_exempt(model: nn.Module) -> set[int]:
+    """The ids of `model`'s parameters weight decay must spare: every one-dimensional parameter
+    (biases, BatchNorm/LayerNorm scales and shifts) and those named in NO_DECAY_NAMES or in a
+    timm module's `no_weight_decay()`."""
+    named = dict(model.named_parameters())
+    exempt = {id(p) for name, p in named.items() if p.ndim <= 1}
+    exempt |= {id(p) for name, p in named.items() if name.rpartition(".")[2] in NO_DECAY_NAMES}
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            dotted = f"{prefix}." if prefix else ""
+            exempt |= {id(named[f"{dotted}{n}"]) for n in listed() if f"{dotted}{n}" in named}
+    return exempt
+
+
 def make_optimizer(
-    groups: list[list[nn.Parameter]], recipe: Recipe, lr_scales: list[float] | None = None
+    groups: list[list[nn.Parameter]],
+    recipe: Recipe,
+    lr_scales: list[float] | None = None,
+    exempt: set[int] | None = None,
 ) -> Optimizer:
     """One parameter group per list, each at `recipe.lr` times its scale (discriminative LRs).
 
-    Weight decay reaches only weights of two or more dimensions: biases and the scales and
-    shifts of BatchNorm and LayerNorm (one-dimensional) are not pulled towards 0, as in
-    torchvision's references and timm. Each list is split in two groups for that."""
+    Weight decay spares the parameters of `exempt` (default: the one-dimensional ones; see
+    `decay_exempt`), as timm does: biases, norms' scales and shifts, embeddings and layer
+    scales are not pulled towards 0. Each list is split in two groups for that."""
     scales = lr_scales or [1.0] * len(groups)
     param_groups = []
     for params, scale in zip(groups, scales, strict=True):
-        decayed = [p for p in params if p.ndim > 1]
-        plain = [p for p in params if p.ndim <= 1]
+        spared = {id(p) for p in params if p.ndim <= 1} if exempt is None else exempt
+        decayed = [p for p in params if id(p) not in spared]
+        plain = [p for p in params if id(p) in spared]
         for members, decay in ((decayed, recipe.weight_decay), (plain, 0.0)):
             if members:
                 param_groups.append(

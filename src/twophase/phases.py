@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from twophase import features
 from twophase.backbones import Streamed, Tail, block_names, describe, set_trainable
 from twophase.batches import ArrayBatches, BatchOrder
 from twophase.batches import array_batches as batches
 from twophase.checkpoint import load_checkpoint, preprocessing_of, save_checkpoint
-from twophase.distributed import SINGLE, World
+from twophase.distributed import SINGLE, World, global_batchnorm
 from twophase.features import FeatureCacheError
 from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.io import atomic_path
@@ -168,6 +169,9 @@ def finetune(
     else:
         tail = Tail(model, family, cut, freeze_batchnorm=phase.batchnorm == "frozen")
         set_trainable(model, tail)
+        if world.distributed and phase.batchnorm == "train":  # global batch statistics
+            trained = [m for t in tail.trainable_modules() for m in t.modules()]
+            global_batchnorm(model, {id(m) for m in trained if isinstance(m, _BatchNorm)})
         groups, scales = discriminative_groups(tail, blocks, phase.lr_decay)
         nhwc = meta["layout"] == "nchw"
         val = features.load_activations(activations_dir, "val")

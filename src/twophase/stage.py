@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from twophase.errors import TwophaseError
+from twophase.io import remove_output
 from twophase.params import ComputeParams, flatten, load_params, read_yaml
 
 PARAMS_FILE, DVC_YAML = Path("params.yaml"), Path("dvc.yaml")
@@ -88,11 +89,13 @@ class ParamsGuard:
     then: a `dvc exp run -S` during a `dvc repro` rewrites params.yaml, and the running stage
     would be recorded with values it never used. The stage fails instead, naming what changed,
     so DVC records nothing and reruns it. Only the params dvc.yaml declares for the stage count
-    (all of them when dvc.yaml has no such stage).
+    (all of them when dvc.yaml has no such stage; none when it declares none).
     """
 
     def __init__(self, stage: str) -> None:
-        self.keys = declared_params(stage)
+        entry = stage_entry(stage)
+        self.keys = None if entry is None else declared_params(entry)
+        self.outs = [] if entry is None else fresh_outputs(entry)
         self.start = self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
@@ -110,36 +113,57 @@ class ParamsGuard:
         }
 
     def check(self) -> None:
+        """Fail if a declared param changed; the outputs this run wrote are then removed, as DVC
+        removed the last run's before it started: no result stands beside values it was not
+        made with."""
         now = self.snapshot()
         changed = [
             key for key in sorted({*self.start, *now}) if self.start.get(key) != now.get(key)
         ]
-        if changed:
-            shown = ", ".join(
-                f"{key}: {self.start.get(key)!r} -> {now.get(key)!r}" for key in changed[:3]
-            )
-            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-            raise TwophaseError(
-                f"{PARAMS_FILE} changed while this stage ran ({shown}{more}); its outputs were "
-                "made with the old values, so the stage fails rather than let DVC record the new "
-                "ones: rerun it (dvc repro) once params.yaml is as you want it"
-            )
+        if not changed:
+            return
+        for out in self.outs:
+            remove_output(out)
+        shown = ", ".join(
+            f"{key}: {self.start.get(key)!r} -> {now.get(key)!r}" for key in changed[:3]
+        )
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise TwophaseError(
+            f"{PARAMS_FILE} changed while this stage ran ({shown}{more}); the outputs it made "
+            "with the old values were removed and DVC records nothing: rerun (dvc repro) once "
+            "params.yaml is as you want it"
+        )
 
 
-def declared_params(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str] | None:
-    """The params keys (sections or dotted keys) that dvc.yaml declares for `stage`."""
+def stage_entry(stage: str, dvc_yaml: Path = DVC_YAML) -> dict[str, Any] | None:
+    """dvc.yaml's entry of `stage` (None: no dvc.yaml here, or no such stage)."""
     try:
-        stages = read_yaml(dvc_yaml.read_text(encoding="utf-8")).get("stages", {})
-        declared = stages[stage]["params"]
-    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        entry = read_yaml(dvc_yaml.read_text(encoding="utf-8"))["stages"][stage]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
+    return entry if isinstance(entry, dict) else None
+
+
+def declared_params(entry: dict[str, Any]) -> list[str]:
+    """The params keys (sections or dotted keys) a stage's entry declares from params.yaml."""
     keys: list[str] = []
-    for item in declared:
+    for item in entry.get("params") or []:
         if isinstance(item, str):
             keys.append(item)
-        elif isinstance(item, dict):  # {other_file.yaml: [keys]}: not params.yaml's
-            keys += [k for file, ks in item.items() if file == str(PARAMS_FILE) for k in ks]
+        elif isinstance(item, dict):  # {other_file.yaml: [keys]}: only params.yaml's count
+            keys += [k for file, ks in item.items() if file == str(PARAMS_FILE) for k in ks or []]
     return keys
+
+
+def fresh_outputs(entry: dict[str, Any]) -> list[Path]:
+    """The outputs DVC removes before the stage runs (all but `persist: true` ones): whatever
+    is at those paths when the stage ends, the stage wrote."""
+    paths = []
+    for item in entry.get("outs") or []:
+        name, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        if not (options or {}).get("persist"):
+            paths.append(Path(name))
+    return paths
 
 
 def _relaunch(command: list[str]) -> int:

@@ -19,11 +19,11 @@ from torch import nn
 from tqdm import tqdm
 
 from twophase.batches import slice_start
-from twophase.distributed import SINGLE, World, global_batchnorm
+from twophase.distributed import SINGLE, World
 from twophase.dropout import keyed, keyed_dropouts
 from twophase.errors import TwophaseError
 from twophase.model import trainable_parameters
-from twophase.optim import Optimizer, Recipe, make_optimizer, set_epoch_lr
+from twophase.optim import Optimizer, Recipe, decay_exempt, make_optimizer, set_epoch_lr
 from twophase.runtime import autocast
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -187,10 +187,11 @@ def fit(
     model.to(device).to(memory_format=torch.channels_last)
     trained = model
     if world.distributed:
-        global_batchnorm(model)  # batch statistics of the global batch, as one process has them
         device_ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = make_optimizer(param_groups or [trainable_parameters(model)], recipe, lr_scales)
+    optimizer = make_optimizer(
+        param_groups or [trainable_parameters(model)], recipe, lr_scales, decay_exempt(model)
+    )
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     result = FitResult()
