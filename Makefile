@@ -52,5 +52,9 @@ bench:
 	$(BIN)/python bench/run.py
 
 recipe:
+ifeq ($(strip $(R)),)
+	@$(BIN)/python scripts/recipe.py --list
+else
 	@$(BIN)/python scripts/recipe.py recipes/$(R).yaml >/dev/null
 	set -f; $(BIN)/dvc exp run -n recipe-$(R) $(RECIPE_ARGS) $$($(BIN)/python scripts/recipe.py recipes/$(R).yaml)
+endif

@@ -37,7 +37,9 @@ def main() -> None:
             raise SystemExit(f"make digits named no experiment:\n{out}")
         digits = name.group(1)
         sh(repo, "dvc", "exp", "apply", digits)
-        sh(repo, "dvc", "exp", "run", "-n", "phase1-only", "-S", "finetune.epochs=0")
+        sh(repo, "dvc", "exp", "run", "--temp", "-n", "phase1-only", "-S", "finetune.epochs=0")
+        if "epochs: 0" in (repo / "params.yaml").read_text():
+            raise SystemExit("the phase-1-only run left finetune.epochs: 0 in the workspace")
         examples = {
             "exp-show": sh(repo, "make", "-s", "exp-show", f"BIN={BIN}"),
             "metrics-diff": sh(repo, "dvc", "metrics", "diff", "phase1-only", digits, "--md"),

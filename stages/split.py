@@ -16,7 +16,8 @@ SPLIT = Path("data/split.csv")
 
 def main() -> None:
     params = load_params()
-    split = split_index(read_index(INDEX), params.data.val_ratio, params.seed)
+    data = params.data
+    split = split_index(read_index(INDEX), data.val_ratio, params.seed, data.test_ratio)
     write_csv(split, SPLIT)
     counts = split["subset"].value_counts()
     print(f"train {counts['train']}, val {counts['val']}, test {counts['test']} -> {SPLIT}")

@@ -11,14 +11,20 @@ from pathlib import Path
 import _src_path  # noqa: F401
 
 from twophase.io import atomic_path
-from twophase.params import load_params
+from twophase.params import ParamsError, load_params
 from twophase.stage import run_stage
 
 CHECKED = Path("data/params.checked")
 
 
 def main() -> None:
-    load_params()
+    params = load_params()
+    root = Path(params.data.root)
+    if not root.exists():  # DVC would stop on the missing dependency, naming no param
+        raise ParamsError(
+            f"data.root: {str(root)!r} does not exist (the download, index and features stages "
+            "depend on it; the default data/raw is the folder for your own images)"
+        )
     with atomic_path(CHECKED) as tmp:
         tmp.write_text("params.yaml passed validation\n", encoding="utf-8")
     print("params.yaml: every key valid")

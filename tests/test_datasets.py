@@ -248,10 +248,17 @@ def test_imagefolder_accepts_val_as_the_test_split(tmp_path: Path) -> None:
     assert class_names(index) == ["cat", "dog"]
 
 
-def test_imagefolder_skips_non_image_files_with_a_warning(imagefolder: Path) -> None:
-    (imagefolder / "train" / "cat" / "notes.txt").write_text("not an image")
-    with pytest.warns(UserWarning, match="skipped 1 file"):
-        index = build_index("imagefolder", imagefolder)
+def test_imagefolder_skips_non_image_files_with_a_warning(
+    imagefolder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("notes.txt", "a.pdf", "b.doc", "c.xls"):
+        (imagefolder / "train" / "cat" / name).write_text("not an image")
+    index = build_index("imagefolder", imagefolder)
+    (line,) = capsys.readouterr().err.splitlines()  # one line per folder
+    assert line == (
+        f"twophase: warning: {imagefolder / 'train'}: skipped 4 file(s) that are not images by "
+        "their extension: cat/a.pdf, cat/b.doc, cat/c.xls, ... and 1 more"
+    )
     assert not index["path"].str.endswith(".txt").any()
 
 
@@ -371,3 +378,22 @@ def test_index_csv_cells_pandas_would_read_as_missing_stay_strings(tmp_path: Pat
     assert index["path"].tolist() == ["N/A", "NULL", "#N/A"]
     assert index["class_name"].tolist() == ["N/A", "01", "1"]
     assert index["label"].tolist() == [0, 1, 2]
+
+
+def test_a_folder_of_class_folders_gets_a_seeded_stratified_test_split(tmp_path: Path) -> None:
+    """The layout most people have: <root>/<class>/*, no train/ or test/."""
+    from twophase.split import split_index
+
+    make_imagefolder(tmp_path / "made", classes=("cat", "dog", "owl"), train=10, test=0)
+    root = tmp_path / "made" / "train"  # cat/, dog/, owl/ directly under root
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folders are no classes
+    (root / "notes.md").write_text("a file beside the class folders")
+    index = build_index("imagefolder", root)
+    assert class_names(index) == ["cat", "dog", "owl"] and len(index) == 30
+    split = split_index(index, val_ratio=0.25, seed=3, test_ratio=0.2)
+    counts = split.groupby(["subset", "class_name"]).size().unstack()
+    assert counts.loc["test"].tolist() == [2, 2, 2]  # stratified: 20 % of each class
+    assert counts.loc["val"].sum() == 6 and counts.loc["train"].sum() == 18
+    assert split_index(index, 0.25, 3, 0.2).equals(split)  # seeded
+    assert not split_index(index, 0.25, 4, 0.2).equals(split)
+    assert split["path"].is_unique

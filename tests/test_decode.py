@@ -146,3 +146,49 @@ def test_readme_preprocessing_snippet_turns_photos_upright_as_twophase_does(
     prep = Preprocessing(**checkpoint["preprocessing"])  # type: ignore[arg-type]
     expected, _ = ImageDataset([str(photo)], [0], 16, prep)[0]
     assert torch.allclose(batch[0], expected, atol=1e-6)
+
+
+def test_a_tiny_but_extreme_strip_is_refused_before_resizing_makes_it_huge(tmp_path: Path) -> None:
+    """A 1 x 100000 PNG is a few hundred bytes and passes the pixel-count bomb check, but
+    resizing its short side to 256 px would allocate about 20 GB."""
+    from twophase.decode import unreadable_reason
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 100_000)).save(strip)
+    assert strip.stat().st_size < 2000
+    reason = unreadable_reason(strip)
+    assert reason is not None and reason.startswith("too elongated (1 x 100000 pixels")
+    panorama = tmp_path / "panorama.png"
+    Image.new("RGB", (400, 40)).save(panorama)  # 10:1 is a photo
+    assert unreadable_reason(panorama) is None
+
+
+@pytest.mark.parametrize("size", [7, 2049, 20000])
+def test_image_size_has_bounds(size: int) -> None:
+    from twophase.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=rf"^data\.image_size: {size} is not allowed"):
+        parse_params({"data": {"image_size": size}})
+
+
+def test_gifs_and_files_whose_extension_lies_are_indexed_and_decoded_by_content(
+    tmp_path: Path,
+) -> None:
+    """Real datasets hold GIFs (first frame) and PNGs or GIFs named .jpg."""
+    from twophase.datasets import build_index
+
+    rng = np.random.default_rng(0)
+    kinds = [("GIF", ".gif"), ("PNG", ".jpg"), ("GIF", ".jpg")]
+    for split, count in (("train", 3), ("test", 1)):
+        for name in ("cat", "dog"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+                fmt, ext = kinds[i]
+                Image.fromarray(pixels).save(folder / f"{i}{ext}", format=fmt)
+    index = build_index("imagefolder", tmp_path)
+    assert len(index) == 8
+    for path in index["path"]:
+        image = load_rgb(path)
+        assert image.mode == "RGB" and image.size == (16, 12), path

@@ -419,11 +419,18 @@ def test_plots_diff_overlays_two_experiments(repo: Path) -> None:
 def test_metrics_diff_between_phases(repo: Path) -> None:
     run(repo, "git", "checkout", "-q", "--", ".")
     run(repo, "dvc", "checkout", "-q")
-    run(repo, "dvc", "exp", "run", "-n", "phase1-only", "-S", "finetune.epochs=0")
-    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert evaluation["finetune"] == evaluation["transfer"]
+    params = (repo / "params.yaml").read_text()
+    run(repo, "dvc", "exp", "run", "--temp", "-n", "phase1-only", "-S", "finetune.epochs=0")
+    assert (repo / "params.yaml").read_text() == params, "the README's flow leaves no trap"
     diff = run(repo, "dvc", "metrics", "diff", "phase1-only", "HEAD", "--md")
     assert "finetune.accuracy" in diff and "transfer.accuracy" not in diff
+    run(repo, "dvc", "exp", "apply", "phase1-only")
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert evaluation["finetune"] == evaluation["transfer"]
+    assert json.loads((repo / "metrics/finetune.json").read_text())["skipped"] is True
+    assert "**Phase 2 was skipped**" in (repo / "plots/report.md").read_text()
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
 
 
 @pytest.mark.parametrize(

@@ -152,3 +152,46 @@ def report_draws_what_evaluate_wrote(params: Params, workdir: Path) -> None:
         with Image.open(workdir / "figures" / name) as image:
             assert image.width > 300 and image.height > 200, name
         assert f"](figures/{name})" in text, name
+
+
+def test_a_skipped_phase_two_says_so_in_the_log_the_metrics_and_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """finetune.epochs: 0 left in params.yaml would otherwise silently report a delta of 0."""
+    import json
+    import shutil
+
+    from twophase.phases import finetune_summary
+
+    params, split = cached_imagefolder(tmp_path)
+    params = tiny_params(finetune={"epochs": 0})
+    train_transfer(params, tmp_path / "embeddings", tmp_path / "t.pt", tmp_path / "t.csv")
+    result = finetune(
+        params, tmp_path / "activations", tmp_path / "t.pt", tmp_path / "f.pt", tmp_path / "f.csv"
+    )
+    assert "phase 2 is SKIPPED" in capsys.readouterr().out
+    summary = finetune_summary(result)
+    assert summary["skipped"] is True and summary["kept_phase1_weights"] is True
+    evaluate(
+        params,
+        tmp_path / "embeddings",
+        tmp_path / "activations",
+        split,
+        {"transfer": tmp_path / "t.pt", "finetune": tmp_path / "f.pt"},
+        tmp_path / "metrics" / "evaluate.json",
+        tmp_path / "plots",
+    )
+    for phase, stage in (("t", "train_transfer"), ("f", "finetune")):
+        (tmp_path / "plots" / stage).mkdir()
+        shutil.copy(tmp_path / f"{phase}.csv", tmp_path / "plots" / stage / "history.csv")
+    (tmp_path / "metrics" / "train_transfer.json").write_text('{"best_epoch": 1}')
+    (tmp_path / "metrics" / "finetune.json").write_text(json.dumps(summary))
+    text = build_report(
+        params,
+        metrics_dir=tmp_path / "metrics",
+        plots_dir=tmp_path / "plots",
+        evaluate_dir=tmp_path / "plots",
+        report_path=tmp_path / "report.md",
+        figures_dir=tmp_path / "figures",
+    )
+    assert "**Phase 2 was skipped** (`finetune.epochs: 0`)" in text

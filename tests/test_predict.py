@@ -325,3 +325,16 @@ def test_report_keeps_class_names_pandas_reads_as_missing(tmp_path: Path) -> Non
         assert text.count(f"| `{name}` |") == 1, name
     assert "| NA | null | 1 |" in text and "| 01 | 1 | 1 |" in text
     assert "nan" not in text.lower()
+
+
+def test_cli_predict_without_out_writes_the_csv_to_stdout(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    write_image(tmp_path / "photos" / "one.jpg", seed=1, size=(40, 30))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(trained / "finetune.pt"), "photos", "--top-k", "1"]) == 0
+    captured = capsys.readouterr()
+    rows = captured.out.strip().splitlines()
+    assert rows[0] == "path,predicted,probability,top1,top1_probability" and len(rows) == 2
+    assert "1 image(s) classified" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no file written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,12 +123,15 @@ def _tiny_checkpoint() -> dict:
 
 
 def test_corrupt_image_inside_a_torchvision_dataset_is_skipped_with_a_warning(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = fake_pet(tmp_path)
     (root / "oxford-iiit-pet" / "images" / "Abyssinian_2.jpg").write_bytes(b"\xff\xd8 cut short")
-    with pytest.warns(UserWarning, match=r"Oxford-IIIT Pet .* skipped 1 image.*Abyssinian_2.jpg"):
-        index = build_index("oxford_iiit_pet", root)
+    index = build_index("oxford_iiit_pet", root)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.match(
+        r"twophase: warning: Oxford-IIIT Pet .* skipped 1 image.*Abyssinian_2.jpg", line
+    )
     assert len(index) == 5 and not index["path"].str.contains("Abyssinian_2").any()
 
 
@@ -137,7 +141,7 @@ def test_torchvision_class_left_without_readable_training_images_is_an_error(
     root = fake_pet(tmp_path)
     for name in ("Abyssinian_1", "Abyssinian_2"):
         (root / "oxford-iiit-pet" / "images" / f"{name}.jpg").write_bytes(b"garbage")
-    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no readable training"):
+    with pytest.raises(DatasetError, match="no readable training"):
         build_index("oxford_iiit_pet", root)
 
 
@@ -339,3 +343,48 @@ def test_global_batchnorm_replaces_plain_batchnorm_and_refuses_norm_with_activat
     model = timm.create_model("efficientnet_b0", pretrained=False)
     with pytest.raises(UnsupportedBatchNormError, match=r"^finetune\.batchnorm: .*bn1"):
         global_batchnorm(model, {id(model.bn1)})
+
+
+def test_any_stage_start_removes_what_a_killed_run_left_beside_its_outputs(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage restored by DVC from its run-cache never runs its own cleanup: every stage's
+    start does it, for every stage output it declares."""
+    from twophase.stage import run_stage
+
+    (in_tmp / "dvc.yaml").write_text(DEMO_DVC_YAML)
+    (in_tmp / "params.yaml").write_text("seed: 42\n")
+    stale = [in_tmp / ".out.txt.tmp-99999998", in_tmp / ".kept.old-99999999"]
+    for path in stale:
+        write_image(path / "x.jpg", seed=0)
+    other = write_image(in_tmp / ".photo.jpg.tmp-99999997", seed=0)  # not beside an output
+    monkeypatch.setattr("sys.argv", ["stages/demo.py"])
+    run_stage(lambda: None)
+    assert not any(path.exists() for path in stale) and other.is_file()
+
+
+def test_leftovers_of_killed_writes_are_git_ignored() -> None:
+    done = subprocess.run(
+        ["git", "check-ignore", "models/.transfer.pt.tmp-4242", "data/.embeddings.old-17"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.split() == ["models/.transfer.pt.tmp-4242", "data/.embeddings.old-17"]
+
+
+def test_validate_names_a_missing_data_root_before_dvc_does(tmp_path: Path) -> None:
+    """DVC stops on a missing dependency with its own words and no param named."""
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  dataset: imagefolder\n  root: /no/such/folder\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "stages" / "validate.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("twophase: error: data.root: '/no/such/folder' does not exist")
+    assert "git checkout params.yaml" in line

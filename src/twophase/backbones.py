@@ -192,9 +192,14 @@ def family_of(arch: str, check: bool = False) -> Family:
     """The family of a torchvision `arch`; with `check`, also that torchvision has that name."""
     family = next((f for f in FAMILIES if f.matches(arch)), None)
     if family is None or (check and arch not in supported_archs()):
+        import difflib  # only on this error
+
+        names = supported_archs()
+        closest = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(closest)}?" if closest else ""
         raise ArchError(
-            f"model.arch: {arch!r} is not supported; expected one of {', '.join(supported_archs())}"
-            f", or {TIMM_PREFIX}<name> for a timm model"
+            f"model.arch: {arch!r} is not supported{hint} ({len(names)} torchvision models are: "
+            f"the README's backbone table lists them; or {TIMM_PREFIX}<name> for a timm model)"
         )
     return family
 

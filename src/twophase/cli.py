@@ -33,8 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict.add_argument(
         "--out",
         type=Path,
-        default=Path("predictions.csv"),
-        help="the CSV file to write (default: predictions.csv); an existing folder is refused",
+        default=None,
+        help="the CSV file to write (default: the standard output); an existing folder is refused",
     )
     predict.add_argument("--top-k", type=int, default=5, help="classes per row (default: 5)")
     predict.add_argument(
@@ -76,7 +76,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise TwophaseError("--top-k and --batch-size must be at least 1")
-    _check_out(args.out)
+    if args.out is not None:
+        _check_out(args.out)
     model, checkpoint = read_checkpoint(args.checkpoint)
     images, skipped = collect_images(args.paths)
     for path, reason in skipped:
@@ -91,6 +92,10 @@ def _predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
     )
+    if args.out is None:  # the CSV is the output, as Unix tools write it; the summary to stderr
+        table.to_csv(sys.stdout, index=False)
+        print(f"{len(table)} image(s) classified; {len(skipped)} skipped", file=sys.stderr)
+        return 0
     write_csv(table, args.out)
     print(f"{len(table)} image(s) classified -> {args.out}; {len(skipped)} skipped")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import warnings
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +26,18 @@ from twophase.errors import TwophaseError
 from twophase.io import atomic_path
 
 INDEX_COLUMNS = ["path", "label", "class_name", "split"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".gif",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
 NETWORK_TIMEOUT_S = 10.0
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
@@ -200,7 +211,7 @@ def index_torchvision(
     source: TorchvisionSource, root: Path, warn: Callable[[str], None] | None = None
 ) -> pd.DataFrame:
     """The official splits as torchvision lists them; unreadable images skipped with a warning."""
-    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    warn = warn or warn_line
     frames = []
     for ds, split in _open_splits(source, root, download=False):
         files = getattr(ds, "_images", None) or getattr(ds, "_image_files", None)
@@ -282,34 +293,63 @@ def export_digits(folder: Path) -> Path:
 
 def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Index root/train/<class>/* and root/test/<class>/* (or root/val/ as the test split)."""
-    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    warn = warn or warn_line
     if not root.is_dir():
         raise DatasetError(
             f"data.root: {str(root)!r} is not a folder (imagefolder expects "
             f"<root>/train/<class>/* and <root>/test/<class>/*){_copied_run_hint(root)}"
         )
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() and test_dir is None:
+        return _index_class_folders(root, warn)
     if not (root / "train").is_dir() or test_dir is None:
         raise DatasetError(
             f"data.root: {str(root)!r} must hold train/<class>/ and test/<class>/ "
-            f"(or val/<class>/) folders{_copied_run_hint(root)}"
+            f"(or val/<class>/) folders, or only class folders{_copied_run_hint(root)}"
         )
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    return _index_splits(root, [("train", root / "train"), ("test", test_dir)], warn)
+
+
+def _index_class_folders(root: Path, warn: Callable[[str], None]) -> pd.DataFrame:
+    """root/<class>/*, no official split: every image is indexed as training data, and the
+    split stage carves the test split out of it (data.test_ratio)."""
+    classes = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if len(classes) < 2:
         raise DatasetError(
-            f"{root / 'train'} has {len(classes)} class folder(s); a classifier needs at least 2"
+            f"data.root: {str(root)!r} holds neither train/<class>/ and test/<class>/ folders "
+            f"nor class folders (at least 2){_copied_run_hint(root)}"
+        )
+    print(
+        f"{root}: no train/ and test/ folders: {len(classes)} class folders, the test split is "
+        "carved out of them (data.test_ratio), seeded and stratified"
+    )
+    return _index_splits(root, [("train", root)], warn)
+
+
+def _index_splits(
+    root: Path, splits: list[tuple[str, Path]], warn: Callable[[str], None]
+) -> pd.DataFrame:
+    """Index each split folder's class folders (the classes are the first split's)."""
+    train_dir = splits[0][1]
+    classes = sorted(
+        d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{train_dir} has {len(classes)} class folder(s); a classifier needs at least 2"
         )
     rows = []
-    for split, split_dir in (("train", root / "train"), ("test", test_dir)):
-        extra = sorted({d.name for d in split_dir.iterdir() if d.is_dir()} - set(classes))
+    for split, split_dir in splits:
+        folders = {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
+        extra = sorted(folders - set(classes))
         if extra:
             raise DatasetError(f"{split_dir} has classes not in train/: {', '.join(extra)}")
-        skipped = 0
+        skipped: list[Path] = []
         for label, name in enumerate(classes):
             class_dir = split_dir / name
             files = sorted(class_dir.rglob("*")) if class_dir.is_dir() else []
             images = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-            skipped += sum(1 for f in files if f.is_file()) - len(images)
+            skipped += [f for f in files if f.is_file() and f not in set(images)]
             images = _readable(images, warn)
             if split == "train" and not images:
                 raise DatasetError(
@@ -317,11 +357,26 @@ def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> 
                 )
             rows += [(_portable(f), label, name, split) for f in images]
         if skipped:
-            warn(f"{split_dir}: skipped {skipped} file(s) that are not images by their extension")
+            names = [f.relative_to(split_dir).as_posix() for f in skipped]
+            warn(
+                f"{split_dir}: skipped {len(skipped)} file(s) that are not images by their "
+                f"extension: {first_few(names)}"
+            )
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
-    if not (index["split"] == "test").any():
-        raise DatasetError(f"{test_dir} holds no images")
+    if len(splits) > 1 and not (index["split"] == "test").any():
+        raise DatasetError(f"{splits[1][1]} holds no images")
     return index
+
+
+def warn_line(message: str) -> None:
+    """A warning as one line on stderr, naming what and where, not the line of code raising it."""
+    print(f"twophase: warning: {message}", file=sys.stderr)
+
+
+def first_few(items: list[str], count: int = 3, separator: str = ", ") -> str:
+    """The first `count` items, then how many more."""
+    more = f"{separator}... and {len(items) - count} more" if len(items) > count else ""
+    return separator.join(items[:count]) + more
 
 
 def _copied_run_hint(root: Path) -> str:
@@ -343,7 +398,7 @@ def _readable(images: list[Path], warn: Callable[[str], None], where: str = "") 
         reasons = list(pool.map(unreadable_reason, images))
     bad = [(path, reason) for path, reason in zip(images, reasons, strict=True) if reason]
     if bad:
-        examples = "; ".join(f"{path.name}: {reason}" for path, reason in bad[:3])
+        examples = first_few([f"{path.name}: {reason}" for path, reason in bad], separator="; ")
         where = where or str(images[0].parent)
         warn(f"{where}: skipped {len(bad)} image(s) that cannot be used ({examples})")
     return [path for path, reason in zip(images, reasons, strict=True) if not reason]

@@ -35,15 +35,25 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
         return img.convert("RGB")
 
 
+MAX_ASPECT = 50  # long side / short side: panoramas are 4-10, nothing a classifier reads is 50
+
+
 def unreadable_reason(path: str | Path) -> str | None:
     """Why the image at `path` cannot be used (None when it decodes).
 
     JPEGs are decoded at 1/8 scale, which still reads every byte: truncation is caught cheaply.
-    Images over twice PIL's decompression-bomb limit (about 179 megapixels) are refused.
+    Images over twice PIL's decompression-bomb limit (about 179 megapixels) are refused, and so
+    are strips longer than MAX_ASPECT times their width: resized to the model's short side, a
+    tiny 1 x 100000 PNG would take gigabytes.
     """
     try:
         with Image.open(path) as img:
             width, height = img.size
+            if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                return (
+                    f"too elongated ({width} x {height} pixels; at most {MAX_ASPECT}:1, as "
+                    "resizing its short side to the model's would make it enormous)"
+                )
             img.draft(None, (max(1, width // 8), max(1, height // 8)))
             img.load()
     except Image.DecompressionBombError:

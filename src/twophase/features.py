@@ -160,7 +160,9 @@ def extract(
                 draws = DrawOrder(mine, CACHED_VIEW, view) if view else mine
                 offset = count * (view - 1) if view else 0
                 desc = f"features {subset}" + (f" view {view}/{views}" if view else "")
-                with tqdm(total=count, desc=desc, unit="img", disable=not world.is_main) as bar:
+                with tqdm(
+                    total=count, desc=desc, unit="img", disable=None if world.is_main else True
+                ) as bar:
                     loaded = image_batches(dataset, draws, num_workers)
                     for batch, (images, _) in zip(mine, loaded, strict=True):
                         images = images.to(device, non_blocking=True)

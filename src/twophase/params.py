@@ -49,6 +49,9 @@ def is_speed_only(key: str) -> bool:
     return any(key == name or key.startswith(f"{name}.") for name in SPEED_ONLY_PARAMS)
 
 
+MAX_IMAGE_SIZE = 2048  # pixels: ViT-H is trained at 518; above this the probe alone takes GiBs
+
+
 class ParamsError(TwophaseError, ValueError):
     """A params.yaml problem, phrased as one line the user can act on."""
 
@@ -58,6 +61,7 @@ class DataParams:
     dataset: str = "oxford_iiit_pet"
     root: str = "data/raw"
     val_ratio: float = 0.2
+    test_ratio: float = 0.2  # only for a dataset without a test split (a folder of class folders)
     image_size: int = 224
     augment: tuple[str, ...] = ("random_resized_crop", "horizontal_flip")
 
@@ -67,7 +71,15 @@ class DataParams:
             _check_choice(f"data.augment[{i}]", name, AUGMENTATIONS)
         _check(bool(self.root.strip()), "data.root", self.root, "a folder path")
         _check(0.0 < self.val_ratio < 1.0, "data.val_ratio", self.val_ratio, "a number in (0, 1)")
-        _check(self.image_size >= 8, "data.image_size", self.image_size, "an integer >= 8")
+        _check(
+            0.0 < self.test_ratio < 1.0, "data.test_ratio", self.test_ratio, "a number in (0, 1)"
+        )
+        _check(
+            8 <= self.image_size <= MAX_IMAGE_SIZE,
+            "data.image_size",
+            self.image_size,
+            f"an integer in [8, {MAX_IMAGE_SIZE}]",
+        )
 
 
 @dataclass(frozen=True)

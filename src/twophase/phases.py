@@ -160,6 +160,10 @@ def finetune(
     if phase.epochs == 0:  # phase 2 skipped: its checkpoint is phase 1's network
         if world.is_main:
             write_history([], history_path)
+            print(
+                "finetune: finetune.epochs is 0: phase 2 is SKIPPED, its checkpoint is phase 1's "
+                "network and every phase-2 result equals phase 1's"
+            )
         result = FitResult(
             best_epoch=start["best_epoch"],
             best_val_loss=start["best_val_loss"],
@@ -330,6 +334,8 @@ def discriminative_groups(
 
 
 def finetune_summary(result: FitResult) -> dict[str, float | int | bool]:
-    """metrics/finetune.json: the training summary, and whether phase 1's weights were kept."""
-    kept = result.kept_starting_weights or result.start_epoch is None  # None: phase 2 skipped
-    return {**result.summary(), "kept_phase1_weights": kept}
+    """metrics/finetune.json: the training summary, whether phase 1's weights were kept, and
+    whether phase 2 was skipped (finetune.epochs: 0)."""
+    skipped = result.start_epoch is None
+    kept = result.kept_starting_weights or skipped
+    return {**result.summary(), "kept_phase1_weights": kept, "skipped": skipped}

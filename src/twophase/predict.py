@@ -100,7 +100,10 @@ def predict_images(
     model.to(where).eval()
     rows: list[dict[str, Any]] = []
     batches = image_batches(dataset, BatchOrder(len(dataset), batch_size, shuffle=False))
-    with torch.inference_mode(), tqdm(total=len(dataset), desc="predict", unit="img") as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(dataset), desc="predict", unit="img", disable=None) as bar,
+    ):
         for batch, _ in batches:
             with autocast(where, amp):
                 logits = model(batch.to(where))

@@ -60,6 +60,11 @@ def build_report(
         f"{evaluation['test_images']} test images; phase 2 unfreezes "
         f"{', '.join(params.finetune.unfreeze)}.",
         "",
+        *(
+            ["**Phase 2 was skipped** (`finetune.epochs: 0`): its results are phase 1's.", ""]
+            if training["finetune"].get("skipped")
+            else []
+        ),
         "## Test metrics",
         "",
         _table(

@@ -10,25 +10,20 @@ import pandas as pd
 from twophase.datasets import DatasetError
 
 
-def split_index(index: pd.DataFrame, val_ratio: float, seed: int) -> pd.DataFrame:
-    """The index with a `subset` column: train and val carved from split == 'train', plus test."""
+def split_index(
+    index: pd.DataFrame, val_ratio: float, seed: int, test_ratio: float = 0.2
+) -> pd.DataFrame:
+    """The index with a `subset` column: train and val carved from split == 'train', plus test.
+
+    A dataset without a test split (a folder of class folders) first has its test split carved
+    out of all its images by `test_ratio`, stratified and seeded the same way."""
+    if not (index["split"] == "test").any():
+        train = index[index["split"] == "train"]
+        _, test_positions = _carve(train, test_ratio, seed, "data.test_ratio")
+        index = index.copy()
+        index.loc[train.index[test_positions], "split"] = "test"
     train = index[index["split"] == "train"]
-    counts = train["label"].value_counts()
-    too_small = counts[counts < 2]
-    if len(too_small):
-        names = train.drop_duplicates("label").set_index("label").loc[too_small.index, "class_name"]
-        raise DatasetError(
-            f"data.val_ratio: cannot carve a validation set: class(es) {', '.join(names)} have "
-            "fewer than 2 training images"
-        )
-    n_val = round(len(train) * val_ratio)
-    if n_val < len(counts) or len(train) - n_val < len(counts):
-        raise DatasetError(
-            f"data.val_ratio: {val_ratio} gives {n_val} validation and {len(train) - n_val} "
-            f"training images, but both need at least one image of each of the {len(counts)} "
-            "classes"
-        )
-    train_positions, val_positions = stratified_split(train["label"].to_numpy(), n_val, seed)
+    train_positions, val_positions = _carve(train, val_ratio, seed, "data.val_ratio")
     train_rows, val_rows = train.iloc[train_positions], train.iloc[val_positions]
     # Training rows keep their seeded shuffled order (datasets list their images class by class):
     # any contiguous run of the cache, as finetune.shuffle: blocks reads it, mixes the classes.
@@ -38,6 +33,27 @@ def split_index(index: pd.DataFrame, val_ratio: float, seed: int) -> pd.DataFram
         index[index["split"] == "test"].assign(subset="test"),
     ]
     return pd.concat(parts, ignore_index=True).drop(columns="split")
+
+
+def _carve(
+    rows: pd.DataFrame, ratio: float, seed: int, param: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (kept, carved) of a stratified, seeded split of `rows` by `ratio`."""
+    counts = rows["label"].value_counts()
+    too_small = counts[counts < 2]
+    if len(too_small):
+        names = rows.drop_duplicates("label").set_index("label").loc[too_small.index, "class_name"]
+        raise DatasetError(
+            f"{param}: cannot carve a split: class(es) {', '.join(names)} have fewer than 2 "
+            "images left to split"
+        )
+    carved = round(len(rows) * ratio)
+    if carved < len(counts) or len(rows) - carved < len(counts):
+        raise DatasetError(
+            f"{param}: {ratio} gives {carved} and {len(rows) - carved} images, but both sides "
+            f"need at least one image of each of the {len(counts)} classes"
+        )
+    return stratified_split(rows["label"].to_numpy(), carved, seed)
 
 
 def stratified_split(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -15,8 +17,8 @@ from typing import Any
 import yaml
 
 from twophase.errors import TwophaseError
-from twophase.io import remove_output
-from twophase.params import ComputeParams, flatten, load_params, read_yaml
+from twophase.io import remove_output, remove_stale_temporaries
+from twophase.params import ComputeParams, Params, flatten, load_params, read_yaml
 
 PARAMS_FILE, DVC_YAML = Path("params.yaml"), Path("dvc.yaml")
 
@@ -70,7 +72,7 @@ def run_stage(
         if guard is not None:
             guard.check()
     except TwophaseError as err:
-        _fail(str(err))
+        _fail(with_params_hint(str(err)))
     except Exception as err:
         if type(err).__name__ != "OutOfMemoryError":  # torch.cuda's; torch is not imported here
             raise
@@ -97,6 +99,9 @@ class ParamsGuard:
         self.keys = None if entry is None else declared_params(entry)
         self.outs = [] if entry is None else fresh_outputs(entry)
         self.start = self.snapshot()
+        for out in [] if entry is None else outputs(entry):
+            if out.parent.is_dir():  # what a run killed with SIGKILL left beside its outputs
+                remove_stale_temporaries(out)
 
     def snapshot(self) -> dict[str, Any]:
         try:
@@ -155,15 +160,19 @@ def declared_params(entry: dict[str, Any]) -> list[str]:
     return keys
 
 
+def outputs(entry: dict[str, Any]) -> dict[Path, bool]:
+    """A stage's outputs, each with whether it is `persist: true`."""
+    paths = {}
+    for item in entry.get("outs") or []:
+        name, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        paths[Path(name)] = bool((options or {}).get("persist"))
+    return paths
+
+
 def fresh_outputs(entry: dict[str, Any]) -> list[Path]:
     """The outputs DVC removes before the stage runs (all but `persist: true` ones): whatever
     is at those paths when the stage ends, the stage wrote."""
-    paths = []
-    for item in entry.get("outs") or []:
-        name, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
-        if not (options or {}).get("persist"):
-            paths.append(Path(name))
-    return paths
+    return [path for path, persist in outputs(entry).items() if not persist]
 
 
 def _relaunch(command: list[str]) -> int:
@@ -177,6 +186,22 @@ def _relaunch(command: list[str]) -> int:
         launched.send_signal(signal.SIGTERM)
         launched.wait()
         raise
+
+
+SECTIONS = tuple(field.name for field in dataclasses.fields(Params))  # seed, data, model, ...
+PARAM_ERROR = re.compile(rf"^({'|'.join(SECTIONS)})(\.\w+)*: ")
+
+
+def with_params_hint(message: str) -> str:
+    """An error about a param's value also says that the value stays in params.yaml: `dvc exp
+    run -S` writes it there before running, so every later run fails the same way until the
+    file is corrected."""
+    if not PARAM_ERROR.match(message):
+        return message
+    return (
+        f"{message} (this value now stands in params.yaml, where `dvc exp run -S` wrote it: "
+        "correct it there, or undo with `git checkout params.yaml`)"
+    )
 
 
 def _fail(message: str) -> None:

@@ -229,7 +229,10 @@ def fit(
         val_scores = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
         record(EpochStats(result.start_epoch, *train_scores, *val_scores))
     epoch_range = range(first_epoch, first_epoch + epochs)
-    bar = tqdm(epoch_range, desc=desc, unit="epoch", leave=False, disable=not world.is_main)
+    # disable=None: no bar when stderr is no terminal (a log, DVC's pipe), as DVC does
+    bar = tqdm(
+        epoch_range, desc=desc, unit="epoch", leave=False, disable=None if world.is_main else True
+    )
     for epoch in bar:
         epoch_lr = set_epoch_lr(optimizer, recipe, epoch - first_epoch, epochs)
         set_epoch(epoch)
