@@ -112,3 +112,27 @@ def test_params_file_lists_every_key_so_that_dvc_exp_run_set_param_reaches_it() 
 
     listed = flatten(read_yaml((PROJECT / "params.yaml").read_text()))
     assert set(listed) == set(flatten(to_dict(Params())))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"seed: 1\nseed: 2\n", r"^params\.yaml: key 'seed' appears twice \(line 2\)"),
+        (b"finetune:\n  lr: 0.1\n  lr: 0.2\n", r"key 'lr' appears twice \(line 3\)"),
+        (b"", r"is empty, which DVC refuses"),
+        (b"  \n", r"is empty, which DVC refuses"),
+        (b"seed: 4\xff\n", r"is not UTF-8 text"),
+    ],
+    ids=["duplicate key", "duplicate nested key", "empty", "blank", "not utf-8"],
+)
+def test_files_dvc_refuses_are_one_line_params_errors(
+    tmp_path: Path, content: bytes, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twophase.cli import main
+
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+    assert main(["params", str(path)]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

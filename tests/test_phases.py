@@ -195,3 +195,20 @@ def test_a_skipped_phase_two_says_so_in_the_log_the_metrics_and_the_report(
         figures_dir=tmp_path / "figures",
     )
     assert "**Phase 2 was skipped** (`finetune.epochs: 0`)" in text
+
+
+def test_a_last_batch_of_one_with_batchnorm_in_train_mode_is_a_params_error(
+    workdir: Path,
+) -> None:
+    from twophase.params import ParamsError
+
+    train_transfer(tiny_params(), workdir / "embeddings", workdir / "t1.pt", workdir / "t1.csv")
+    params = tiny_params(finetune={"batchnorm": "train", "batch_size": 17})  # 18 training rows
+    with pytest.raises(ParamsError, match=r"^finetune\.batch_size: 17 leaves a last batch of 1"):
+        finetune(
+            params,
+            workdir / "activations",
+            workdir / "t1.pt",
+            workdir / "f1.pt",
+            workdir / "f1.csv",
+        )

@@ -388,3 +388,61 @@ def test_validate_names_a_missing_data_root_before_dvc_does(tmp_path: Path) -> N
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("twophase: error: data.root: '/no/such/folder' does not exist")
     assert "git checkout params.yaml" in line
+
+
+def test_a_stage_run_by_a_python_without_the_packages_says_so_in_one_line(tmp_path: Path) -> None:
+    """`dvc repro` outside the project's environment runs a python without torch: one line
+    naming that python and the environment to activate, no import traceback."""
+    done = subprocess.run(
+        [sys.executable, "-S", str(PROJECT / "stages" / "validate.py")],  # -S: no site-packages
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"twophase: error: {sys.executable} has no ")
+    assert "torch" in line and ".venv/bin/activate" in line
+
+
+FSIZE_CHILD = """
+import resource, signal, sys
+sys.path.insert(0, {src!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+from twophase.stage import run_stage
+
+def main():
+    {body}
+
+run_stage(main)
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("open('big.bin', 'wb').write(b'x' * (4 << 20))", "a file outgrew the file-size limit"),
+        (
+            "import torch; torch.save(torch.zeros(1 << 20), 'big.pt')",
+            "a checkpoint could not be written: the disk is full or a file-size limit",
+        ),
+        ("open('gone/vanished.jpg', 'rb')", "no such file (gone/vanished.jpg)"),
+    ],
+    ids=["file", "checkpoint", "vanished"],
+)
+def test_system_faults_in_a_stage_are_one_line(tmp_path: Path, body: str, expected: str) -> None:
+    """A full disk or a file-size limit (EFBIG stands in for ENOSPC here) and a file that
+    vanished give one line, not a traceback; TWOPHASE_DEBUG=1 shows the traceback."""
+    code = FSIZE_CHILD.format(src=str(PROJECT / "src"), body=body)
+    for debug, lines in (("", 1), ("1", None)):
+        env = {**os.environ, "TWOPHASE_DEBUG": debug}
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 1
+        err = done.stderr.strip().splitlines()
+        if lines == 1:
+            assert len(err) == 1 and err[0].startswith(f"twophase: error: {expected}"), err
+        else:
+            assert "Traceback" in done.stderr

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from twophase.errors import TwophaseError
+from twophase.errors import TwophaseError, debugging, fault_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict.add_argument(
         "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
     )
-    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
 
     export = commands.add_parser(
         "export",
@@ -66,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _params(args)
     except TwophaseError as err:
         print(f"twophase: error: {err}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as err:
+        fault = None if debugging() else fault_line(err)
+        if fault is None:
+            raise
+        print(f"twophase: error: {fault}", file=sys.stderr)
         return 1
 
 

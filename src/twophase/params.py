@@ -281,7 +281,18 @@ def _check_choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
 
 
 class _Yaml12FloatLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-05` as a float (YAML 1.2), as `dvc exp run -S` writes it."""
+    """SafeLoader that also reads `1e-05` as a float (YAML 1.2), as `dvc exp run -S` writes it,
+    and refuses a key given twice in one mapping (PyYAML keeps the last; DVC refuses the file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ParamsError(f"params.yaml: key {key!r} appears twice (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12FloatLoader.add_implicit_resolver(
@@ -308,6 +319,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ParamsError(f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path} is not UTF-8 text (byte {err.start} cannot be read)") from None
+    if not text.strip():
+        raise ParamsError(f"{path} is empty, which DVC refuses: restore it (git checkout {path})")
     try:
         raw = read_yaml(text)
     except yaml.YAMLError as err:

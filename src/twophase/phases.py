@@ -34,7 +34,7 @@ from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.io import atomic_path
 from twophase.model import build_head, resolve_cut
 from twophase.optim import recipe_of
-from twophase.params import Params
+from twophase.params import FinetuneParams, Params, ParamsError
 from twophase.runtime import autocast_dtype, seed_everything
 from twophase.train import Batches, EpochStats, FitResult, fit, fit_linear_probe
 
@@ -183,6 +183,7 @@ def finetune(
         if phase.input == "images":
             if split is None:
                 raise ValueError("finetune.input: images needs the split")
+            check_last_batch(phase, int((split["subset"] == "train").sum()))
             model_in_training = Streamed(tail)
             train_batches: Batches = streamed_batches(params, split, start, world)
         elif meta.get("train_streamed"):
@@ -191,6 +192,7 @@ def finetune(
                 "(it was made for finetune.input: images): rerun the features stage (dvc repro)"
             )
         else:
+            check_last_batch(phase, len(features.load_activations(activations_dir, "train")[1]))
             train_batches = cached_batches(params, activations_dir, nhwc, device, world)
         sharded = partial(batches, rank=world.rank, ranks=world.size)
         result = fit(
@@ -231,6 +233,17 @@ def finetune(
         last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
     )
     return result
+
+
+def check_last_batch(phase: FinetuneParams, rows: int) -> None:
+    """BatchNorm in train mode cannot normalise a batch of one image (no variance): a last
+    batch of 1 would stop phase 2 mid-epoch with torch's error."""
+    if phase.batchnorm == "train" and rows % phase.batch_size == 1:
+        raise ParamsError(
+            f"finetune.batch_size: {phase.batch_size} leaves a last batch of 1 of the {rows} "
+            "training images, whose BatchNorm statistics cannot be computed "
+            "(finetune.batchnorm: train): choose another batch size"
+        )
 
 
 BLOCK_WINDOW = 8  # finetune.shuffle: blocks shuffles rows among this many blocks of a batch

@@ -183,6 +183,7 @@ def _export_onnx(
         output_names=["probabilities"],
         dynamic_shapes={"images": {0: batch}},
         opset_version=18,
+        verbose=False,  # not torch.onnx's eight progress lines on every export
     )
     if program is None:  # pragma: no cover - dynamo=True always returns the program
         raise PredictError("ONNX export produced nothing")

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from twophase.errors import TwophaseError
+from twophase.errors import TwophaseError, debugging, fault_line
 from twophase.io import remove_output, remove_stale_temporaries
 from twophase.params import ComputeParams, Params, flatten, load_params, read_yaml
 
@@ -74,6 +74,9 @@ def run_stage(
     except TwophaseError as err:
         _fail(with_params_hint(str(err)))
     except Exception as err:
+        fault = None if debugging() else fault_line(err)
+        if fault is not None:
+            _fail(fault)
         if type(err).__name__ != "OutOfMemoryError":  # torch.cuda's; torch is not imported here
             raise
         lower = f"lower {batch_size_param}" if batch_size_param else "use a smaller batch"
