@@ -6,10 +6,12 @@ train_transfer.epochs=abc`) fails here, before DVC removes the last outputs of t
 read it. Its output never changes, so passing reruns nothing downstream.
 """
 
+import os
 from pathlib import Path
 
 import _src_path  # noqa: F401
 
+from twophase.errors import first_few
 from twophase.io import atomic_path
 from twophase.params import ParamsError, load_params
 from twophase.stage import run_stage
@@ -27,7 +29,34 @@ def main() -> None:
         )
     with atomic_path(CHECKED) as tmp:
         tmp.write_text("params.yaml passed validation\n", encoding="utf-8")
+    unhashable = unhashable_entries(root)
+    if unhashable:
+        raise ParamsError(
+            f"data.root: {str(root)!r} holds what DVC cannot hash as a dependency "
+            f"({first_few(unhashable)}): remove or fix it (twophase would skip it; DVC stops)"
+        )
     print("params.yaml: every key valid")
+
+
+def unhashable_entries(root: Path) -> list[str]:
+    """Dangling symlinks, symlink loops and names that are not UTF-8 under `root`."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                found.append(f"{str(path)!a}: a name that is not UTF-8")
+                continue
+            if path.is_symlink():
+                try:
+                    path.stat()
+                except FileNotFoundError:
+                    found.append(f"{path}: a symlink to nothing")
+                except OSError:
+                    found.append(f"{path}: a symlink loop")
+    return found
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from tests.helpers import write_image
 from tests.test_phases import cached_imagefolder
@@ -143,19 +144,53 @@ def test_a_huge_image_is_skipped_not_decoded(trained: Path, tmp_path: Path, caps
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda d: d / "absent.pt", "does not exist"),
+        (lambda d, _: d / "absent.pt", "does not exist"),
         (
-            lambda d: _saved(d / "plain.pt", {"weight": torch.zeros(2)}),
+            lambda d, _: _saved(d / "plain.pt", {"weight": torch.zeros(2)}),
             "is not a twophase checkpoint",
         ),
-        (lambda d: _written(d / "zero.pt", b""), "is not a PyTorch checkpoint"),
+        (
+            lambda d, _: _written(d / "zero.pt", b""),
+            "is not a twophase checkpoint: the file is empty",
+        ),
+        (
+            lambda d, _: _written(d / "notes.pt", b"some text, not a checkpoint"),
+            "it is not a file torch.save writes",
+        ),
+        (lambda d, _: _saved(d / "pickled.pt", nn.Linear(2, 2)), "holds Python objects beyond"),
+        (
+            lambda d, trained: _edited(trained, d, image_size=0),
+            "whose metadata does not fit its weights",
+        ),
+        (
+            lambda d, trained: _edited(trained, d, class_names=["a"]),
+            "whose metadata does not fit its weights",
+        ),
+        (
+            lambda d, trained: _edited(trained, d, arch="resnet50"),
+            "whose metadata does not fit its weights",
+        ),
+        (
+            lambda d, trained: _edited(trained, d, preprocessing={"median": [0.5]}),
+            "whose metadata does not fit its weights",
+        ),
     ],
-    ids=["missing", "another project's", "empty file"],
+    ids=[
+        "missing",
+        "another project's",
+        "empty file",
+        "text file",
+        "pickled model",
+        "image_size 0",
+        "fewer class names",
+        "another arch",
+        "unknown preprocessing key",
+    ],
 )
 def test_unusable_checkpoints_are_one_line(
-    tmp_path: Path, make, message: str, capsys: pytest.CaptureFixture[str]
+    trained: Path, tmp_path: Path, make, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = make(tmp_path)
+    path = make(tmp_path, trained / "finetune.pt")
     assert main(["predict", str(path), str(tmp_path), "--out", str(tmp_path / "p.csv")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -197,6 +232,12 @@ def test_an_output_file_never_replaces_a_folder(tmp_path: Path) -> None:
 def _saved(path: Path, obj: object) -> Path:
     torch.save(obj, path)
     return path
+
+
+def _edited(trained: Path, folder: Path, **changes: object) -> Path:
+    """The trained checkpoint with its metadata changed, as a hand edit would."""
+    checkpoint = torch.load(trained, weights_only=True)
+    return _saved(folder / "edited.pt", {**checkpoint, **changes})
 
 
 def _written(path: Path, content: bytes) -> Path:

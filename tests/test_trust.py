@@ -446,3 +446,26 @@ def test_system_faults_in_a_stage_are_one_line(tmp_path: Path, body: str, expect
             assert len(err) == 1 and err[0].startswith(f"twophase: error: {expected}"), err
         else:
             assert "Traceback" in done.stderr
+
+
+def test_validate_names_what_dvc_cannot_hash_in_data_root(tmp_path: Path) -> None:
+    """Dangling symlinks, symlink loops and non-UTF-8 names make DVC fail on the dependency
+    with no file or param named: validate names them first."""
+    root = tmp_path / "photos"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    (root / "cat" / "loop.jpg").symlink_to(root / "cat" / "loop.jpg")
+    with open(os.fsencode(root / "cat") + b"/caf\xe9.jpg", "wb") as handle:
+        handle.write(b"x")
+    (tmp_path / "params.yaml").write_text(f"data:\n  dataset: imagefolder\n  root: {root}\n")
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "stages" / "validate.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"twophase: error: data.root: '{root}' holds what DVC cannot hash")
+    for what in ("gone.jpg: a symlink to nothing", "loop.jpg: a symlink loop", "not UTF-8"):
+        assert what in line, what

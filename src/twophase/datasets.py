@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from twophase.decode import unreadable_reason
-from twophase.errors import TwophaseError
+from twophase.errors import TwophaseError, first_few
 from twophase.io import atomic_path
 
 INDEX_COLUMNS = ["path", "label", "class_name", "split"]
@@ -371,12 +371,6 @@ def _index_splits(
 def warn_line(message: str) -> None:
     """A warning as one line on stderr, naming what and where, not the line of code raising it."""
     print(f"twophase: warning: {message}", file=sys.stderr)
-
-
-def first_few(items: list[str], count: int = 3, separator: str = ", ") -> str:
-    """The first `count` items, then how many more."""
-    more = f"{separator}... and {len(items) - count} more" if len(items) > count else ""
-    return separator.join(items[:count]) + more
 
 
 def _copied_run_hint(root: Path) -> str:

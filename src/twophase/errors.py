@@ -42,3 +42,9 @@ def fault_line(err: BaseException) -> str | None:
             "free some space and rerun"
         )
     return None
+
+
+def first_few(items: list[str], count: int = 3, separator: str = ", ") -> str:
+    """The first `count` items, then how many more."""
+    more = f"{separator}... and {len(items) - count} more" if len(items) > count else ""
+    return separator.join(items[:count]) + more

@@ -40,14 +40,43 @@ def read_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PredictError(f"{str(path)!r} is not a PyTorch checkpoint ({reason[:120]})") from None
+        raise PredictError(
+            f"{str(path)!r} is not a twophase checkpoint: {_unloadable(path, err)}"
+        ) from None
     if not isinstance(raw, dict) or any(key not in raw for key in CHECKPOINT_KEYS):
         raise PredictError(
             f"{str(path)!r} is not a twophase checkpoint (it lacks "
             f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(raw, dict) or k not in raw)})"
         )
-    return network_of(raw).eval(), raw
+    try:
+        size = int(raw["image_size"])
+        if size < 8 or len(raw["class_names"]) != raw["head"]["num_classes"]:
+            raise ValueError(f"image_size {size}, {len(raw['class_names'])} class names")
+        preprocessing_of(raw)
+        return network_of(raw).eval(), raw
+    except Exception as err:  # load_state_dict, IndexError, KeyError, TypeError, ...
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise PredictError(
+            f"{str(path)!r} is a twophase checkpoint whose metadata does not fit its weights "
+            f"({reason}): was it edited by hand? Use the one the stage wrote"
+        ) from None
+
+
+def _unloadable(path: Path, err: Exception) -> str:
+    """Why torch.load refused `path`, in words about the file rather than about torch."""
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    if not start:
+        return "the file is empty"
+    if start[:2] != b"PK" and start[:1] != b"\x80":
+        return "it is not a file torch.save writes (no zip archive, no pickle)"
+    if "Weights only load failed" in str(err):
+        return "it holds Python objects beyond tensors (a pickled model?), which are not unpickled"
+    return (
+        "it is damaged or cut short ("
+        + (str(err).splitlines() or [type(err).__name__])[0][:80]
+        + ")"
+    )
 
 
 def collect_images(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
