@@ -24,8 +24,8 @@ def main() -> None:
     root = Path(params.data.root)
     if not root.exists():  # DVC would stop on the missing dependency, naming no param
         raise ParamsError(
-            f"data.root: {str(root)!r} does not exist (the download, index and features stages "
-            "depend on it; the default data/raw is the folder for your own images)"
+            f"data.root: {str(root)!r} does not exist (the stages that read images depend on it; "
+            "the default data/raw is the folder for your own images)"
         )
     with atomic_path(CHECKED) as tmp:
         tmp.write_text("params.yaml passed validation\n", encoding="utf-8")

@@ -79,3 +79,17 @@ def test_validate_sees_every_section_and_every_other_stage_is_downstream_of_it()
 
     for name in STAGES:
         assert name == "validate" or "validate" in upstream(name), name
+
+
+@pytest.mark.parametrize(
+    ("document", "before"), [("data/raw/README.md", "as a dependency of"), ("README.md", "it is a")]
+)
+def test_the_docs_name_the_stages_that_depend_on_data_root(document: str, before: str) -> None:
+    import re
+
+    text = " ".join((PROJECT / document).read_text().split())
+    start = text.index(f"{before} dependency of") if before == "it is a" else text.index(before)
+    sentence = text[start : text.index("stages", start)]
+    named = set(re.findall(r"`(\w+)`", sentence))
+    depending = {name for name, stage in STAGES.items() if "${data.root}" in stage["deps"]}
+    assert named == depending

@@ -469,3 +469,11 @@ def test_validate_names_what_dvc_cannot_hash_in_data_root(tmp_path: Path) -> Non
     assert line.startswith(f"twophase: error: data.root: '{root}' holds what DVC cannot hash")
     for what in ("gone.jpg: a symlink to nothing", "loop.jpg: a symlink loop", "not UTF-8"):
         assert what in line, what
+
+
+def test_epochs_run_counts_trained_epochs_not_the_scored_starting_weights() -> None:
+    from twophase.train import EpochStats, FitResult
+
+    rows = [EpochStats(e, 1.0, 0.5, 1.0, 0.5) for e in (6, 7, 8)]
+    assert FitResult(history=rows, start_epoch=6).epochs_run == 2  # phase 2: 6 is phase 1's
+    assert FitResult(history=rows).epochs_run == 3

@@ -61,7 +61,8 @@ class FitResult:
 
     @property
     def epochs_run(self) -> int:
-        return len(self.history)
+        """Epochs trained: the scoring of the starting weights (phase 2's first row) is none."""
+        return len(self.history) - (self.start_epoch is not None)
 
     def summary(self) -> dict[str, float | int | bool]:
         return {
