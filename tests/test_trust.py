@@ -477,3 +477,29 @@ def test_epochs_run_counts_trained_epochs_not_the_scored_starting_weights() -> N
     rows = [EpochStats(e, 1.0, 0.5, 1.0, 0.5) for e in (6, 7, 8)]
     assert FitResult(history=rows, start_epoch=6).epochs_run == 2  # phase 2: 6 is phase 1's
     assert FitResult(history=rows).epochs_run == 3
+
+
+def test_processes_a_stage_relaunches_die_when_it_is_killed_with_sigkill(tmp_path: Path) -> None:
+    """kill -9 of a stage relaunched under torchrun must not leave torchrun and its ranks
+    running on, writing outputs DVC has declared failed."""
+    import signal
+    import time
+
+    import psutil
+
+    code = (
+        f"import sys; sys.path.insert(0, {str(PROJECT / 'src')!r})\n"
+        "from twophase.stage import _relaunch\n"
+        "_relaunch([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    children: list[psutil.Process] = []
+    while not children and time.monotonic() < deadline:
+        children = psutil.Process(parent.pid).children()
+        time.sleep(0.1)
+    assert children, "the relaunched process never started"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, "the relaunched process outlived its killed parent"

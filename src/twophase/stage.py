@@ -182,7 +182,7 @@ def _relaunch(command: list[str]) -> int:
     """Run the stage again as `command`; an interruption is passed on and waited for, so the
     ranks remove their unfinished outputs before this process exits."""
     sys.stdout.flush()
-    launched = subprocess.Popen(command)
+    launched = subprocess.Popen(command, preexec_fn=die_with_parent)
     try:
         return launched.wait()
     except KeyboardInterrupt:
@@ -205,6 +205,17 @@ def with_params_hint(message: str) -> str:
         f"{message} (this value now stands in params.yaml, where `dvc exp run -S` wrote it: "
         "correct it there, or undo with `git checkout params.yaml`)"
     )
+
+
+def die_with_parent() -> None:
+    """In a child process (Linux): receive SIGTERM when the parent dies, even by SIGKILL, so a
+    killed stage leaves no torchrun and no ranks writing outputs DVC has declared failed."""
+    if sys.platform != "linux":
+        return
+    import ctypes  # only in the child, between fork and exec
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _fail(message: str) -> None:
