@@ -503,3 +503,19 @@ def test_processes_a_stage_relaunches_die_when_it_is_killed_with_sigkill(tmp_pat
     parent.wait()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, "the relaunched process outlived its killed parent"
+
+
+def test_more_processes_than_gpus_is_a_params_error_before_torchrun_starts(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twophase.stage import run_stage
+
+    (in_tmp / "params.yaml").write_text("device: cuda\ncompute:\n  nproc: 2\n")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr("sys.argv", ["stages/train_transfer.py"])
+    started = []
+    with pytest.raises(SystemExit) as exited:
+        run_stage(lambda: started.append(1), distributed=True)
+    assert exited.value.code == 1 and not started
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("twophase: error: compute.nproc: 2 processes per node, but this node")

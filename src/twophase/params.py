@@ -129,7 +129,7 @@ class ComputeParams:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "compute.num_workers", self.num_workers, "an integer >= 0")
-        _check(self.nproc >= 1, "compute.nproc", self.nproc, "an integer >= 1")
+        _check(1 <= self.nproc <= 256, "compute.nproc", self.nproc, "an integer in [1, 256]")
         _check(self.nnodes >= 1, "compute.nnodes", self.nnodes, "an integer >= 1")
         _check(
             self.nnodes == 1 or bool(re.fullmatch(r"[\w.-]+:\d+", self.rdzv_endpoint)),

@@ -18,7 +18,7 @@ import yaml
 
 from twophase.errors import TwophaseError, debugging, fault_line
 from twophase.io import remove_output, remove_stale_temporaries
-from twophase.params import ComputeParams, Params, flatten, load_params, read_yaml
+from twophase.params import ComputeParams, Params, ParamsError, flatten, load_params, read_yaml
 
 PARAMS_FILE, DVC_YAML = Path("params.yaml"), Path("dvc.yaml")
 
@@ -61,8 +61,10 @@ def run_stage(
     try:
         guard = None if "LOCAL_RANK" in os.environ else ParamsGuard(Path(sys.argv[0]).stem)
         if distributed and guard is not None:
-            compute = load_params().compute
+            params = load_params()
+            compute = params.compute
             if compute.processes > 1:
+                check_gpus(compute.nproc, params.device)
                 code = _relaunch(torchrun_command(compute, sys.argv[0]))
                 if code:
                     sys.exit(code)
@@ -85,6 +87,21 @@ def run_stage(
         sys.stdout.flush()
         print("twophase: interrupted; unfinished outputs were removed", file=sys.stderr)
         sys.exit(130)
+
+
+def check_gpus(nproc: int, device: str) -> None:
+    """On GPUs, one process per GPU: more processes than this node has GPUs is a params error,
+    said before torchrun starts any of them."""
+    if device not in ("auto", "cuda"):
+        return
+    import torch  # only when several processes are asked for
+
+    gpus = torch.cuda.device_count()
+    if (device == "cuda" or gpus > 0) and nproc > gpus:
+        raise ParamsError(
+            f"compute.nproc: {nproc} processes per node, but this node has {gpus} GPU(s) "
+            f"(device: {device}): set compute.nproc to at most {gpus}, or device: cpu"
+        )
 
 
 class ParamsGuard:
