@@ -16,7 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-_missing = [name for name in ("yaml", "numpy", "torch") if importlib.util.find_spec(name) is None]
+PACKAGES = ("yaml", "numpy", "pandas", "PIL", "torch", "torchvision")
+_missing = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
 if _missing:
     print(
         f"twophase: error: {sys.executable} has no {', '.join(_missing)}: run DVC from the "

@@ -15,7 +15,8 @@ INDEX = Path("data/index.csv")
 
 def main() -> None:
     params = load_params()
-    index = build_index(params.data.dataset, Path(params.data.root), DOWNLOADS)
+    data = params.data
+    index = build_index(data.dataset, Path(data.root), DOWNLOADS, test_ratio=data.test_ratio)
     write_csv(index, INDEX)
     counts = index["split"].value_counts()
     print(

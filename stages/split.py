@@ -16,8 +16,7 @@ SPLIT = Path("data/split.csv")
 
 def main() -> None:
     params = load_params()
-    data = params.data
-    split = split_index(read_index(INDEX), data.val_ratio, params.seed, data.test_ratio)
+    split = split_index(read_index(INDEX), params.data.val_ratio, params.seed)
     write_csv(split, SPLIT)
     counts = split["subset"].value_counts()
     print(f"train {counts['train']}, val {counts['val']}, test {counts['test']} -> {SPLIT}")

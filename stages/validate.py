@@ -6,12 +6,13 @@ train_transfer.epochs=abc`) fails here, before DVC removes the last outputs of t
 read it. Its output never changes, so passing reruns nothing downstream.
 """
 
+import errno
 import os
 from pathlib import Path
 
 import _src_path  # noqa: F401
 
-from twophase.errors import first_few
+from twophase.errors import copied_run_hint, first_few
 from twophase.io import atomic_path
 from twophase.params import ParamsError, load_params
 from twophase.stage import run_stage
@@ -25,16 +26,16 @@ def main() -> None:
     if not root.exists():  # DVC would stop on the missing dependency, naming no param
         raise ParamsError(
             f"data.root: {str(root)!r} does not exist (the stages that read images depend on it; "
-            "the default data/raw is the folder for your own images)"
+            f"the default data/raw is the folder for your own images){copied_run_hint(root)}"
         )
-    with atomic_path(CHECKED) as tmp:
-        tmp.write_text("params.yaml passed validation\n", encoding="utf-8")
     unhashable = unhashable_entries(root)
     if unhashable:
         raise ParamsError(
             f"data.root: {str(root)!r} holds what DVC cannot hash as a dependency "
             f"({first_few(unhashable)}): remove or fix it (twophase would skip it; DVC stops)"
         )
+    with atomic_path(CHECKED) as tmp:
+        tmp.write_text("params.yaml passed validation\n", encoding="utf-8")
     print("params.yaml: every key valid")
 
 
@@ -54,8 +55,9 @@ def unhashable_entries(root: Path) -> list[str]:
                     path.stat()
                 except FileNotFoundError:
                     found.append(f"{path}: a symlink to nothing")
-                except OSError:
-                    found.append(f"{path}: a symlink loop")
+                except OSError as err:
+                    what = "a symlink loop" if err.errno == errno.ELOOP else err.strerror
+                    found.append(f"{path}: {what}")
     return found
 
 

@@ -380,20 +380,28 @@ def test_index_csv_cells_pandas_would_read_as_missing_stay_strings(tmp_path: Pat
     assert index["label"].tolist() == [0, 1, 2]
 
 
-def test_a_folder_of_class_folders_gets_a_seeded_stratified_test_split(tmp_path: Path) -> None:
-    """The layout most people have: <root>/<class>/*, no train/ or test/."""
+def test_a_folder_of_class_folders_gets_a_stable_stratified_test_split(tmp_path: Path) -> None:
+    """The layout most people have: <root>/<class>/*, no train/ or test/. The test split is
+    chosen by a hash of each image's path, not by the seed: every experiment (every seed) is
+    scored on the same images, and adding a photo moves at most one other."""
     from twophase.split import split_index
 
     make_imagefolder(tmp_path / "made", classes=("cat", "dog", "owl"), train=10, test=0)
     root = tmp_path / "made" / "train"  # cat/, dog/, owl/ directly under root
     (root / ".ipynb_checkpoints").mkdir()  # hidden folders are no classes
+    write_image(root / "cat" / ".thumbnails" / "0.jpg", seed=99)  # nor samples inside a class
+    write_image(root / "dog" / "@eaDir" / "0.jpg" / "SYNOFILE_THUMB_M.jpg", seed=98)
     (root / "notes.md").write_text("a file beside the class folders")
-    index = build_index("imagefolder", root)
+    index = build_index("imagefolder", root, test_ratio=0.2)
     assert class_names(index) == ["cat", "dog", "owl"] and len(index) == 30
-    split = split_index(index, val_ratio=0.25, seed=3, test_ratio=0.2)
-    counts = split.groupby(["subset", "class_name"]).size().unstack()
+    assert not index["path"].str.contains("thumb|eaDir", case=False).any()
+    counts = index.groupby(["split", "class_name"]).size().unstack()
     assert counts.loc["test"].tolist() == [2, 2, 2]  # stratified: 20 % of each class
-    assert counts.loc["val"].sum() == 6 and counts.loc["train"].sum() == 18
-    assert split_index(index, 0.25, 3, 0.2).equals(split)  # seeded
-    assert not split_index(index, 0.25, 4, 0.2).equals(split)
-    assert split["path"].is_unique
+    test = set(index.loc[index["split"] == "test", "path"])
+    for seed in (0, 1):  # the val carve follows the seed; the test split does not
+        split = split_index(index, val_ratio=0.25, seed=seed)
+        assert set(split.loc[split["subset"] == "test", "path"]) == test
+        assert split["path"].is_unique and (split["subset"] == "val").sum() == 6
+    write_image(root / "cat" / "new.jpg", seed=100)
+    again = build_index("imagefolder", root, test_ratio=0.2)
+    assert len(set(again.loc[again["split"] == "test", "path"]) ^ test) <= 2

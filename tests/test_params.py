@@ -117,7 +117,7 @@ def test_params_file_lists_every_key_so_that_dvc_exp_run_set_param_reaches_it() 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"seed: 1\nseed: 2\n", r"^params\.yaml: key 'seed' appears twice \(line 2\)"),
+        (b"seed: 1\nseed: 2\n", r"params\.yaml: key 'seed' appears twice \(line 2\)"),
         (b"finetune:\n  lr: 0.1\n  lr: 0.2\n", r"key 'lr' appears twice \(line 3\)"),
         (b"", r"is empty, which DVC refuses"),
         (b"  \n", r"is empty, which DVC refuses"),
@@ -136,3 +136,17 @@ def test_files_dvc_refuses_are_one_line_params_errors(
         load_params(path)
     assert main(["params", str(path)]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_yaml_merge_keys_still_load() -> None:
+    assert read_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n") == {
+        "a": {"b": 1},
+        "c": {"b": 1, "d": 2},
+    }
+
+
+def test_a_key_that_is_no_name_is_a_params_error(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ParamsError, match=r"a key that is not a name \(line 1\)"):
+        load_params(path)

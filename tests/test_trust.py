@@ -374,7 +374,13 @@ def test_leftovers_of_killed_writes_are_git_ignored() -> None:
 
 
 def test_validate_names_a_missing_data_root_before_dvc_does(tmp_path: Path) -> None:
-    """DVC stops on a missing dependency with its own words and no param named."""
+    """DVC stops on a missing dependency with its own words and no param named. The value was
+    changed from the committed one, so the line says it stands in params.yaml."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("seed: 42\n")
+    subprocess.run([*git, "add", "params.yaml"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "params"], cwd=tmp_path, check=True)
     (tmp_path / "params.yaml").write_text(
         "data:\n  dataset: imagefolder\n  root: /no/such/folder\n"
     )
@@ -519,3 +525,22 @@ def test_more_processes_than_gpus_is_a_params_error_before_torchrun_starts(
     assert exited.value.code == 1 and not started
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("twophase: error: compute.nproc: 2 processes per node, but this node")
+
+
+def test_a_fault_without_errno_keeps_its_message() -> None:
+    """A DataLoader worker's error reaches the main process as FileNotFoundError(message) with
+    no errno: the line must still say which file."""
+    from twophase.errors import fault_line
+
+    worker = FileNotFoundError(
+        "Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most "
+        "recent call last):\n  ...\nFileNotFoundError: [Errno 2] No such file or directory: "
+        "'data/raw/train/cat/1.jpg'"
+    )
+    assert fault_line(worker) == (
+        "FileNotFoundError: [Errno 2] No such file or directory: 'data/raw/train/cat/1.jpg'"
+    )
+    assert fault_line(OSError("image file is truncated (3 bytes not processed)")) == (
+        "image file is truncated (3 bytes not processed)"
+    )
+    assert fault_line(ValueError("a bug")) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TwophaseError as err:
         print(f"twophase: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `twophase predict … | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, RuntimeError) as err:
         fault = None if debugging() else fault_line(err)
         if fault is None:

@@ -7,6 +7,7 @@ class, so all datasets look alike from there on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from twophase.decode import unreadable_reason
-from twophase.errors import TwophaseError, first_few
+from twophase.errors import TwophaseError, copied_run_hint, first_few
 from twophase.io import atomic_path
 
 INDEX_COLUMNS = ["path", "label", "class_name", "split"]
@@ -156,7 +157,9 @@ def fetch_dataset(dataset: str, root: Path, downloads: Path) -> Path | None:
     return downloads
 
 
-def build_index(dataset: str, root: Path, downloads: Path | None = None) -> pd.DataFrame:
+def build_index(
+    dataset: str, root: Path, downloads: Path | None = None, test_ratio: float = 0.2
+) -> pd.DataFrame:
     """Index `dataset`: from `root` (the user's folder) or what the download stage wrote."""
     if dataset in TORCHVISION_SOURCES:
         source = TORCHVISION_SOURCES[dataset]
@@ -167,7 +170,7 @@ def build_index(dataset: str, root: Path, downloads: Path | None = None) -> pd.D
             raise DatasetError("digits are exported by the download stage: run dvc repro")
         return index_imagefolder(downloads / "digits")
     if dataset == "imagefolder":
-        return index_imagefolder(root)
+        return index_imagefolder(root, test_ratio=test_ratio)
     raise DatasetError(f"data.dataset: unknown dataset {dataset!r}")
 
 
@@ -291,39 +294,65 @@ def export_digits(folder: Path) -> Path:
     return folder
 
 
-def index_imagefolder(root: Path, warn: Callable[[str], None] | None = None) -> pd.DataFrame:
+def index_imagefolder(
+    root: Path, warn: Callable[[str], None] | None = None, test_ratio: float = 0.2
+) -> pd.DataFrame:
     """Index root/train/<class>/* and root/test/<class>/* (or root/val/ as the test split)."""
     warn = warn or warn_line
     if not root.is_dir():
         raise DatasetError(
             f"data.root: {str(root)!r} is not a folder (imagefolder expects "
-            f"<root>/train/<class>/* and <root>/test/<class>/*){_copied_run_hint(root)}"
+            f"<root>/train/<class>/* and <root>/test/<class>/*){copied_run_hint(root)}"
         )
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if not (root / "train").is_dir() and test_dir is None:
-        return _index_class_folders(root, warn)
+        return _index_class_folders(root, warn, test_ratio)
     if not (root / "train").is_dir() or test_dir is None:
         raise DatasetError(
             f"data.root: {str(root)!r} must hold train/<class>/ and test/<class>/ "
-            f"(or val/<class>/) folders, or only class folders{_copied_run_hint(root)}"
+            f"(or val/<class>/) folders, or only class folders{copied_run_hint(root)}"
         )
     return _index_splits(root, [("train", root / "train"), ("test", test_dir)], warn)
 
 
-def _index_class_folders(root: Path, warn: Callable[[str], None]) -> pd.DataFrame:
-    """root/<class>/*, no official split: every image is indexed as training data, and the
-    split stage carves the test split out of it (data.test_ratio)."""
-    classes = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+def _index_class_folders(root: Path, warn: Callable[[str], None], ratio: float) -> pd.DataFrame:
+    """root/<class>/*, no official split: `ratio` of each class's images form the test split,
+    chosen by a hash of their path within the class folder. The choice depends on no seed, so
+    every experiment is scored on the same images, and adding a photo moves at most one other."""
+    classes = [d for d in root.iterdir() if d.is_dir() and not _hidden(d.name)]
     if len(classes) < 2:
         raise DatasetError(
             f"data.root: {str(root)!r} holds neither train/<class>/ and test/<class>/ folders "
-            f"nor class folders (at least 2){_copied_run_hint(root)}"
+            f"nor class folders (at least 2){copied_run_hint(root)}"
         )
+    index = _index_splits(root, [("train", root)], warn)
+    for name, rows in index.groupby("class_name", sort=False):
+        count = round(len(rows) * ratio)
+        if count < 1 or len(rows) - count < 2:
+            raise DatasetError(
+                f"data.test_ratio: {ratio} leaves class {name!r} ({len(rows)} images) without "
+                "test images or with fewer than 2 to train and validate on"
+            )
+        keys = rows["path"].map(lambda path, name=name: _stable_key(path, str(name)))
+        index.loc[keys.sort_values(kind="stable").index[:count], "split"] = "test"
     print(
-        f"{root}: no train/ and test/ folders: {len(classes)} class folders, the test split is "
-        "carved out of them (data.test_ratio), seeded and stratified"
+        f"{root}: no train/ and test/ folders: {len(classes)} class folders; "
+        f"{(index['split'] == 'test').sum()} images form the test split (data.test_ratio)"
     )
-    return _index_splits(root, [("train", root)], warn)
+    return index
+
+
+def _stable_key(path: str, class_name: str) -> str:
+    """A hash of an image's path inside its class folder: the same wherever data.root lies."""
+    inside = path[path.rindex(f"/{class_name}/") + len(class_name) + 2 :]
+    return hashlib.sha256(inside.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+SYSTEM_FOLDERS = ("@eaDir", "__MACOSX")  # NAS thumbnails, macOS archive metadata
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in SYSTEM_FOLDERS
 
 
 def _index_splits(
@@ -331,25 +360,30 @@ def _index_splits(
 ) -> pd.DataFrame:
     """Index each split folder's class folders (the classes are the first split's)."""
     train_dir = splits[0][1]
-    classes = sorted(
-        d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-    )
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not _hidden(d.name))
     if len(classes) < 2:
         raise DatasetError(
             f"{train_dir} has {len(classes)} class folder(s); a classifier needs at least 2"
         )
     rows = []
     for split, split_dir in splits:
-        folders = {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
+        folders = {d.name for d in split_dir.iterdir() if d.is_dir() and not _hidden(d.name)}
         extra = sorted(folders - set(classes))
         if extra:
             raise DatasetError(f"{split_dir} has classes not in train/: {', '.join(extra)}")
         skipped: list[Path] = []
         for label, name in enumerate(classes):
             class_dir = split_dir / name
-            files = sorted(class_dir.rglob("*")) if class_dir.is_dir() else []
-            images = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-            skipped += [f for f in files if f.is_file() and f not in set(images)]
+            found = sorted(class_dir.rglob("*")) if class_dir.is_dir() else []
+            # hidden and system folders hold thumbnails and metadata, never samples
+            files = [
+                f
+                for f in found
+                if f.is_file() and not any(_hidden(part) for part in f.relative_to(class_dir).parts)
+            ]
+            images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+            image_set = set(images)
+            skipped += [f for f in files if f not in image_set]
             images = _readable(images, warn)
             if split == "train" and not images:
                 raise DatasetError(
@@ -371,17 +405,6 @@ def _index_splits(
 def warn_line(message: str) -> None:
     """A warning as one line on stderr, naming what and where, not the line of code raising it."""
     print(f"twophase: warning: {message}", file=sys.stderr)
-
-
-def _copied_run_hint(root: Path) -> str:
-    """`dvc exp run --temp` and queued runs work in a copy holding only what git tracks."""
-    if root.is_absolute() or "/.dvc/tmp/exps/" not in Path.cwd().as_posix() + "/":
-        return ""
-    return (
-        "; this --temp or queued experiment runs in a copy of what git tracks, without your "
-        "images: set data.root to their absolute path outside the repository, or run without "
-        "--temp/--queue"
-    )
 
 
 def _readable(images: list[Path], warn: Callable[[str], None], where: str = "") -> list[Path]:

@@ -285,12 +285,17 @@ class _Yaml12FloatLoader(yaml.SafeLoader):
     and refuses a key given twice in one mapping (PyYAML keeps the last; DVC refuses the file)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # merge keys (<<: *anchor) first, as SafeLoader does
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise ParamsError(f"params.yaml: key {key!r} appears twice (line {line})")
+            line = key_node.start_mark.line + 1
+            try:
+                duplicate = key in seen
+            except TypeError:  # a list or mapping as a key
+                raise ParamsError(f"a key that is not a name (line {line})") from None
+            if duplicate:
+                raise ParamsError(f"key {key!r} appears twice (line {line})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -325,6 +330,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path} is empty, which DVC refuses: restore it (git checkout {path})")
     try:
         raw = read_yaml(text)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     return parse_params(raw)

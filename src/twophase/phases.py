@@ -183,37 +183,40 @@ def finetune(
         if phase.input == "images":
             if split is None:
                 raise ValueError("finetune.input: images needs the split")
-            check_last_batch(phase, int((split["subset"] == "train").sum()))
             model_in_training = Streamed(tail)
             train_batches: Batches = streamed_batches(params, split, start, world)
+            rows = int((split["subset"] == "train").sum())
         elif meta.get("train_streamed"):
             raise FeatureCacheError(
                 f"finetune.input is cached but {activations_dir} holds no training activations "
                 "(it was made for finetune.input: images): rerun the features stage (dvc repro)"
             )
         else:
-            check_last_batch(phase, len(features.load_activations(activations_dir, "train")[1]))
             train_batches = cached_batches(params, activations_dir, nhwc, device, world)
+            rows = len(train_batches.labels)
         sharded = partial(batches, rank=world.rank, ranks=world.size)
-        result = fit(
-            model_in_training,
-            train_batches,
-            sharded(*val, phase.batch_size, False, params.seed, nhwc=nhwc),
-            lr=phase.lr,
-            epochs=phase.epochs,
-            patience=phase.patience,
-            device=device,
-            amp_dtype=autocast_dtype(device, params.precision),
-            first_epoch=start["last_epoch"] + 1,
-            validate_start=True,
-            desc="finetune",
-            recipe=recipe_of(phase),
-            param_groups=groups,
-            lr_scales=scales,
-            val_model=tail,
-            world=world,
-            seed=params.seed,
-        )
+        try:
+            result = fit(
+                model_in_training,
+                train_batches,
+                sharded(*val, phase.batch_size, False, params.seed, nhwc=nhwc),
+                lr=phase.lr,
+                epochs=phase.epochs,
+                patience=phase.patience,
+                device=device,
+                amp_dtype=autocast_dtype(device, params.precision),
+                first_epoch=start["last_epoch"] + 1,
+                validate_start=True,
+                desc="finetune",
+                recipe=recipe_of(phase),
+                param_groups=groups,
+                lr_scales=scales,
+                val_model=tail,
+                world=world,
+                seed=params.seed,
+            )
+        except ValueError as err:
+            raise last_batch_error(phase, rows, err) from None
         if world.is_main:
             write_history(result.history, history_path)
         if result.kept_starting_weights and world.is_main:
@@ -235,15 +238,16 @@ def finetune(
     return result
 
 
-def check_last_batch(phase: FinetuneParams, rows: int) -> None:
-    """BatchNorm in train mode cannot normalise a batch of one image (no variance): a last
-    batch of 1 would stop phase 2 mid-epoch with torch's error."""
-    if phase.batchnorm == "train" and rows % phase.batch_size == 1:
-        raise ParamsError(
-            f"finetune.batch_size: {phase.batch_size} leaves a last batch of 1 of the {rows} "
-            "training images, whose BatchNorm statistics cannot be computed "
-            "(finetune.batchnorm: train): choose another batch size"
-        )
+def last_batch_error(phase: FinetuneParams, rows: int, err: ValueError) -> Exception:
+    """BatchNorm in train mode cannot normalise a channel holding one value: a last batch of one
+    image at a 1 x 1 feature map. Said as the param to change, else `err` as it was."""
+    if "Expected more than 1 value per channel" not in str(err):
+        return err
+    return ParamsError(
+        f"finetune.batch_size: {phase.batch_size} leaves a last batch of {rows % phase.batch_size}"
+        f" of the {rows} training images, whose BatchNorm statistics cannot be computed "
+        "(finetune.batchnorm: train): choose another batch size"
+    )
 
 
 BLOCK_WINDOW = 8  # finetune.shuffle: blocks shuffles rows among this many blocks of a batch

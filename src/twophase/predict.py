@@ -54,7 +54,7 @@ def read_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             raise ValueError(f"image_size {size}, {len(raw['class_names'])} class names")
         preprocessing_of(raw)
         return network_of(raw).eval(), raw
-    except Exception as err:  # load_state_dict, IndexError, KeyError, TypeError, ...
+    except (RuntimeError, KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise PredictError(
             f"{str(path)!r} is a twophase checkpoint whose metadata does not fit its weights "

@@ -1,4 +1,5 @@
-"""The seeded, stratified train/val split of the official training split; test stays as is.
+"""The seeded, stratified train/val split of the training split; the test split stays as the
+index has it (official, or carved by the index stage from a folder of class folders).
 
 The training rows are written in a seeded shuffled order, validation and test in index order."""
 
@@ -10,18 +11,8 @@ import pandas as pd
 from twophase.datasets import DatasetError
 
 
-def split_index(
-    index: pd.DataFrame, val_ratio: float, seed: int, test_ratio: float = 0.2
-) -> pd.DataFrame:
-    """The index with a `subset` column: train and val carved from split == 'train', plus test.
-
-    A dataset without a test split (a folder of class folders) first has its test split carved
-    out of all its images by `test_ratio`, stratified and seeded the same way."""
-    if not (index["split"] == "test").any():
-        train = index[index["split"] == "train"]
-        _, test_positions = _carve(train, test_ratio, seed, "data.test_ratio")
-        index = index.copy()
-        index.loc[train.index[test_positions], "split"] = "test"
+def split_index(index: pd.DataFrame, val_ratio: float, seed: int) -> pd.DataFrame:
+    """The index with a `subset` column: train and val carved from split == 'train', plus test."""
     train = index[index["split"] == "train"]
     train_positions, val_positions = _carve(train, val_ratio, seed, "data.val_ratio")
     train_rows, val_rows = train.iloc[train_positions], train.iloc[val_positions]

@@ -74,7 +74,8 @@ def run_stage(
         if guard is not None:
             guard.check()
     except TwophaseError as err:
-        _fail(with_params_hint(str(err)))
+        changed = isinstance(err, ParamsError) and params_file_changed()
+        _fail(with_params_hint(str(err)) if changed else str(err))
     except Exception as err:
         fault = None if debugging() else fault_line(err)
         if fault is not None:
@@ -119,8 +120,8 @@ class ParamsGuard:
         self.keys = None if entry is None else declared_params(entry)
         self.outs = [] if entry is None else fresh_outputs(entry)
         self.start = self.snapshot()
-        for out in [] if entry is None else outputs(entry):
-            if out.parent.is_dir():  # what a run killed with SIGKILL left beside its outputs
+        for out in every_output():  # what runs killed with SIGKILL left beside any output: a
+            if out.parent.is_dir():  # stage DVC restores from its run-cache never runs itself
                 remove_stale_temporaries(out)
 
     def snapshot(self) -> dict[str, Any]:
@@ -164,7 +165,7 @@ def stage_entry(stage: str, dvc_yaml: Path = DVC_YAML) -> dict[str, Any] | None:
     """dvc.yaml's entry of `stage` (None: no dvc.yaml here, or no such stage)."""
     try:
         entry = read_yaml(dvc_yaml.read_text(encoding="utf-8"))["stages"][stage]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (OSError, yaml.YAMLError, TwophaseError, KeyError, TypeError):
         return None
     return entry if isinstance(entry, dict) else None
 
@@ -178,6 +179,15 @@ def declared_params(entry: dict[str, Any]) -> list[str]:
         elif isinstance(item, dict):  # {other_file.yaml: [keys]}: only params.yaml's count
             keys += [k for file, ks in item.items() if file == str(PARAMS_FILE) for k in ks or []]
     return keys
+
+
+def every_output(dvc_yaml: Path = DVC_YAML) -> list[Path]:
+    """The outputs of every stage of dvc.yaml (none without one)."""
+    try:
+        stages = read_yaml(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+    except (OSError, yaml.YAMLError, TwophaseError, KeyError, TypeError):
+        return []
+    return [path for entry in stages.values() if isinstance(entry, dict) for path in outputs(entry)]
 
 
 def outputs(entry: dict[str, Any]) -> dict[Path, bool]:
@@ -233,6 +243,17 @@ def die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def params_file_changed() -> bool:
+    """Whether params.yaml differs from git's HEAD (False where git cannot tell)."""
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "--", str(PARAMS_FILE)], capture_output=True
+        )
+    except OSError:
+        return False
+    return done.returncode == 0 and bool(done.stdout.strip())
 
 
 def _fail(message: str) -> None:
