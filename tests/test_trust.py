@@ -85,7 +85,7 @@ def test_disk_too_small_for_the_feature_cache(
     usage = type("usage", (), {"free": 2**30})
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
     check_free_space(tmp_path, needed=2**30)  # exactly 1 GiB: fits
-    with pytest.raises(FeatureCacheError, match=r"needs 4.00 GiB in .* only 1.00 GiB is free"):
+    with pytest.raises(FeatureCacheError, match=r"need 4.00 GiB in .* only 1.00 GiB is free"):
         check_free_space(tmp_path, needed=2**32)
 
 
@@ -240,10 +240,35 @@ def test_the_disk_check_counts_the_cache_in_bytes(
         )
         return sum(p.stat().st_size for p in out.rglob("*.npy"))
 
-    written = run(tmp_path / "first")
-    usage = type("usage", (), {"free": written})  # room for exactly what is written
+    written = run(tmp_path / "first")  # no backbone.pt here: the arrays are all it writes
+    usage = type("usage", (), {"free": 2 * written})  # room for them and DVC's copy, exactly
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(features, "dvc_copies", lambda: 2)
     assert run(tmp_path / "second") == written
+    usage.free = written  # room for the cache, none for DVC's copy of it
+    with pytest.raises(FeatureCacheError, match="the feature cache and DVC's copy of it need"):
+        run(tmp_path / "third")
+
+
+@pytest.mark.parametrize(
+    ("config", "copies"),
+    [
+        (None, 2),
+        ("[core]\n    remote = x\n", 2),
+        ("[cache]\n    type = hardlink\n", 1),
+        ("[cache]\n    type = hardlink,symlink\n", 1),
+        ("[cache]\n    type = reflink,copy\n", 2),
+    ],
+)
+def test_the_disk_check_counts_dvcs_copy_unless_the_cache_links(
+    tmp_path: Path, config: str | None, copies: int
+) -> None:
+    from twophase.features import dvc_copies
+
+    path = tmp_path / "config"
+    if config is not None:
+        path.write_text(config)
+    assert dvc_copies(path) == copies
 
 
 DEMO_DVC_YAML = """stages:

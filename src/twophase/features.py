@@ -124,7 +124,9 @@ def extract(
         act_rows = rows - (0 if train_activations else (views + 1) * train_rows)
         act_bytes = math.prod(act_shape) * np.dtype(STORED_DTYPES[dtype]).itemsize
         emb_bytes = 4 * math.prod(emb_shape)
-        check_free_space(activations_dir.parent, act_rows * act_bytes + rows * emb_bytes)
+        backbone_bytes = sum(v.numel() * v.element_size() for v in (backbone_state or {}).values())
+        cache_bytes = act_rows * act_bytes + rows * emb_bytes + backbone_bytes
+        check_free_space(activations_dir.parent, cache_bytes * dvc_copies())
     with (
         shared_atomic_path(embeddings_dir, world) as emb_tmp,
         shared_atomic_path(activations_dir, world) as act_tmp,
@@ -240,15 +242,34 @@ def output_shapes(
 
 
 def check_free_space(folder: Path, needed: int) -> None:
-    """Fail before any work when the cache (`needed` bytes) cannot fit on the disk it goes to."""
+    """Fail before any work when what the stage and DVC will write (`needed` bytes) cannot fit
+    on the disk it goes to."""
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise FeatureCacheError(
-            f"the feature cache needs {_gib(needed)} in {folder}/ but only {_gib(free)} is free "
-            "there (DVC then copies it into .dvc/cache, on the same disk by default): free space, "
+            f"the feature cache and DVC's copy of it need {_gib(needed)} in {folder}/ but only "
+            f"{_gib(free)} is free there: free space, `dvc config cache.type hardlink` (no copy), "
             "or lower data.image_size or unfreeze fewer blocks (finetune.unfreeze)"
         )
+
+
+def dvc_copies(config: Path = Path(".dvc/config")) -> int:
+    """How many times the cache lands on disk: twice when DVC copies outputs into .dvc/cache
+    (its default on file systems without reflinks), once when it links them (cache.type)."""
+    try:
+        text = config.read_text(encoding="utf-8")
+    except OSError:
+        return 2
+    section, kinds = "", ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]").strip()
+        elif section == "cache" and stripped.replace(" ", "").startswith("type="):
+            kinds = stripped.split("=", 1)[1]
+    linked = {kind.strip() for kind in kinds.split(",") if kind.strip()}
+    return 1 if linked and linked <= {"hardlink", "symlink"} else 2
 
 
 def _gib(size: int) -> str:
