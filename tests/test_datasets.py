@@ -405,3 +405,18 @@ def test_a_folder_of_class_folders_gets_a_stable_stratified_test_split(tmp_path:
     write_image(root / "cat" / "new.jpg", seed=100)
     again = build_index("imagefolder", root, test_ratio=0.2)
     assert len(set(again.loc[again["split"] == "test", "path"]) ^ test) <= 2
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "digits"])
+def test_the_download_folder_is_never_left_empty(tmp_path: Path, dataset: str) -> None:
+    """DVC warns "'data/downloads' is empty" on every command when an output folder is empty:
+    with your own images nothing is fetched, and a note says so."""
+    from twophase.datasets import NOTE, fetch_dataset
+
+    downloads = tmp_path / "downloads"
+    fetch_dataset(dataset, make_imagefolder(tmp_path / "mine"), downloads)
+    note = (downloads / NOTE).read_text()
+    assert note.startswith(f"{dataset}: ")
+    if dataset == "imagefolder":
+        assert sorted(p.name for p in downloads.iterdir()) == [NOTE]
+        assert "read from data.root" in note

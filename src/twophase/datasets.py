@@ -132,12 +132,16 @@ def fetch_dataset(dataset: str, root: Path, downloads: Path) -> Path | None:
     """
     downloads.mkdir(parents=True, exist_ok=True)
     if dataset == "digits":
+        _note(downloads, "digits: scikit-learn's bundled digits, exported to digits/ as PNGs")
         return export_digits(downloads / "digits")
     if dataset not in TORCHVISION_SOURCES:
+        _note(downloads, f"{dataset}: nothing to fetch; the images are read from data.root")
         return None
     source = TORCHVISION_SOURCES[dataset]
     if _opens(source, root):
+        _note(downloads, f"{dataset}: nothing fetched; read from data.root, where it is extracted")
         return root
+    _note(downloads, f"{dataset}: fetched and extracted here by torchvision")
     for relative in source.archives:
         placed, target = root / relative, downloads / relative
         if placed.is_file() and not target.exists():
@@ -155,6 +159,16 @@ def fetch_dataset(dataset: str, root: Path, downloads: Path) -> Path | None:
             if target.is_symlink() or (extracted and target.name.endswith(ARCHIVE_SUFFIXES)):
                 target.unlink(missing_ok=True)
     return downloads
+
+
+NOTE = "ABOUT.txt"
+
+
+def _note(downloads: Path, text: str) -> None:
+    """What the download stage did, in a file: the folder is never empty (DVC warns about an
+    empty output on every command), and whoever opens it reads why it holds what it holds."""
+    with atomic_path(downloads / NOTE) as tmp:
+        tmp.write_text(f"{text}\n", encoding="utf-8")
 
 
 def build_index(
