@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,12 @@ def test_finetune_continues_from_phase_one_and_evaluate_scores_both(workdir: Pat
         "per_class.csv",
         "predictions_finetune.csv",
         "predictions_transfer.csv",
+        "trained_blocks.json",
     ]
+    assert json.loads((workdir / "plots" / "trained_blocks.json").read_text()) == {
+        "transfer": [],
+        "finetune": ["layer4"],
+    }
     report_draws_what_evaluate_wrote(params, workdir)
 
 
@@ -143,6 +149,7 @@ def report_draws_what_evaluate_wrote(params: Params, workdir: Path) -> None:
         report_path=workdir / "report.md",
         figures_dir=workdir / "figures",
     )
+    assert "phase 2 trains `layer4` and the head (finetune.unfreeze: 1)" in text
     figures = sorted(path.name for path in (workdir / "figures").iterdir())
     assert figures == sorted(
         ["loss.png", "accuracy.png"]

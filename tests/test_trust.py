@@ -569,3 +569,38 @@ def test_a_fault_without_errno_keeps_its_message() -> None:
         "image file is truncated (3 bytes not processed)"
     )
     assert fault_line(ValueError("a bug")) is None
+
+
+def test_ctrl_c_of_a_relaunched_stage_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C reaches the stage alone (torchrun runs in a session of its own); the stage stops
+    torchrun, waits for it, and says so in one line instead of torchrun's and every rank's
+    tracebacks."""
+    import signal
+    import time
+
+    fake_torchrun = (
+        "import signal, sys, time\n"
+        "def stop(*_): raise RuntimeError('torchrun: a long traceback, as SignalException')\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('rank 0: started', file=sys.stderr, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    code = (
+        f"import sys; sys.path.insert(0, {str(PROJECT / 'src')!r})\n"
+        "from twophase.stage import _relaunch, run_stage\n"
+        f"run_stage(lambda: sys.exit(_relaunch([sys.executable, '-c', {fake_torchrun!r}])))\n"
+    )
+    stage = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert stage.stderr is not None
+    assert stage.stderr.readline().strip() == "rank 0: started"  # forwarded while it runs
+    time.sleep(0.2)
+    os.killpg(stage.pid, signal.SIGINT)  # what Ctrl-C sends: to the foreground group
+    rest = stage.stderr.read().strip().splitlines()
+    assert stage.wait(timeout=30) == 130
+    assert rest == ["twophase: interrupted; unfinished outputs were removed"]

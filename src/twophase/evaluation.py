@@ -10,15 +10,27 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch import nn
 
 from twophase import features
+from twophase.backbones import block_names, describe
 from twophase.batches import array_batches
 from twophase.checkpoint import cached_input_model, load_checkpoint
 from twophase.io import write_csv, write_json
-from twophase.metrics import score, side_by_side
+from twophase.metrics import TRAINED_BLOCKS, score, side_by_side
 from twophase.params import Params
 from twophase.runtime import autocast_dtype, resolve_device
 from twophase.train import predict
+
+
+def trained_blocks(network: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
+    """The blocks a checkpoint's phase trained, in the model's own names: none for a head on
+    the embeddings, every block when the cut is the input."""
+    if checkpoint["reads"] == "embeddings":
+        return []
+    blocks = block_names(network, describe(network, checkpoint["arch"]))
+    cut = checkpoint["cut"]
+    return blocks if cut is None else blocks[blocks.index(cut) :]
 
 
 def evaluate(
@@ -40,8 +52,10 @@ def evaluate(
     scores: dict[str, dict[str, Any]] = {}
     per_class = []
     predictions: dict[str, pd.DataFrame] = {}
+    trained: dict[str, list[str]] = {}
     for phase, checkpoint_path in checkpoints.items():
         network, checkpoint = load_checkpoint(checkpoint_path)
+        trained[phase] = trained_blocks(network, checkpoint)
         names: list[str] = checkpoint["class_names"]
         reads_activations = checkpoint["reads"] == "activations"
         inputs = test_activations if reads_activations else test_embeddings
@@ -68,6 +82,7 @@ def evaluate(
     for phase, table in predictions.items():
         write_csv(table, plots_dir / f"predictions_{phase}.csv")
     write_csv(pd.DataFrame(per_class), plots_dir / "per_class.csv")
+    write_json(trained, plots_dir / TRAINED_BLOCKS)
     summary = side_by_side(scores["transfer"], scores["finetune"], len(test_rows))
     write_json(summary, metrics_path)
     return summary

@@ -10,6 +10,9 @@ import numpy as np
 HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
 
+TRAINED_BLOCKS = "trained_blocks.json"  # evaluate's record of what each phase trained
+
+
 def _rounded(value: float) -> float:
     return round(float(value), 6)
 

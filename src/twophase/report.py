@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from twophase.io import atomic_path, read_json
-from twophase.metrics import HEADLINE, confusion, top_confusions
+from twophase.metrics import HEADLINE, TRAINED_BLOCKS, confusion, top_confusions
 from twophase.params import Params, flatten, is_speed_only, to_dict
 from twophase.plots import (
     PHASE_TITLES,
@@ -57,8 +57,7 @@ def build_report(
         "# twophase report",
         "",
         f"{params.model.arch} ({params.model.weights}) on `{params.data.dataset}`, "
-        f"{evaluation['test_images']} test images; phase 2 unfreezes "
-        f"{', '.join(params.finetune.unfreeze)}.",
+        f"{evaluation['test_images']} test images; {_phase_two(evaluate_dir, params)}.",
         "",
         *(
             ["**Phase 2 was skipped** (`finetune.epochs: 0`): its results are phase 1's.", ""]
@@ -131,6 +130,18 @@ def build_report(
     with atomic_path(report_path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return text
+
+
+def _phase_two(evaluate_dir: Path, params: Params) -> str:
+    """What phase 2 trained, in the model's own block names (the param says only `1`)."""
+    unfreeze = f"finetune.unfreeze: {', '.join(params.finetune.unfreeze)}"
+    path = evaluate_dir / TRAINED_BLOCKS
+    if not path.is_file():
+        return f"phase 2 unfreezes {unfreeze}"
+    blocks = read_json(path).get("finetune", [])
+    if not blocks:
+        return "phase 2 trained no block (the head on the embeddings)"
+    return f"phase 2 trains {', '.join(f'`{b}`' for b in blocks)} and the head ({unfreeze})"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -9,10 +9,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -206,16 +207,36 @@ def fresh_outputs(entry: dict[str, Any]) -> list[Path]:
 
 
 def _relaunch(command: list[str]) -> int:
-    """Run the stage again as `command`; an interruption is passed on and waited for, so the
-    ranks remove their unfinished outputs before this process exits."""
+    """Run the stage again as `command` (torchrun), in a session of its own so a Ctrl-C reaches
+    this process alone. An interruption is passed on as SIGTERM and waited for, so the ranks
+    remove their unfinished outputs before this process exits; what torchrun and the ranks
+    print while stopping (a traceback each) is not shown: this process says it in one line."""
     sys.stdout.flush()
-    launched = subprocess.Popen(command, preexec_fn=die_with_parent)
+    launched = subprocess.Popen(
+        command, preexec_fn=die_with_parent, start_new_session=True, stderr=subprocess.PIPE
+    )
+    stopping = threading.Event()
+    forwarding = threading.Thread(target=_forward, args=(launched.stderr, stopping), daemon=True)
+    forwarding.start()
     try:
-        return launched.wait()
+        code = launched.wait()
     except KeyboardInterrupt:
+        stopping.set()
         launched.send_signal(signal.SIGTERM)
         launched.wait()
         raise
+    forwarding.join()
+    return code
+
+
+def _forward(stream: IO[bytes] | None, stopping: threading.Event) -> None:
+    """Copy the ranks' stderr to this process's, line by line, until the stage is stopping."""
+    if stream is None:
+        return
+    for line in stream:
+        if not stopping.is_set():
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
 
 
 SECTIONS = tuple(field.name for field in dataclasses.fields(Params))  # seed, data, model, ...
