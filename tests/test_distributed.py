@@ -159,7 +159,7 @@ def _assert_same_weights(
     assert beyond <= 1e-4 * count, (what, beyond, count)
 
 
-def test_the_matrix_trains_with_dropout_and_differs_without_it(runs: dict[str, Path]) -> None:
+def test_the_matrix_exercises_dropout_and_batch_statistics(runs: dict[str, Path]) -> None:
     """The matrix proves something only if training draws masks: the runs' dropout is on, and
     the global batch statistics of batchnorm: train change phase 2 (so they are exercised)."""
     one = torch.load(runs["one"] / "t.pt", weights_only=True)
