@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -38,7 +40,7 @@ def main() -> None:
         digits = name.group(1)
         sh(repo, "dvc", "exp", "apply", digits)
         sh(repo, "dvc", "exp", "run", "--temp", "-n", "phase1-only", "-S", "finetune.epochs=0")
-        if "epochs: 0" in (repo / "params.yaml").read_text():
+        if yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["epochs"] == 0:
             raise SystemExit("the phase-1-only run left finetune.epochs: 0 in the workspace")
         examples = {
             "exp-show": sh(repo, "make", "-s", "exp-show", f"BIN={BIN}"),
