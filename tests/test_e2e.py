@@ -297,7 +297,6 @@ def test_a_killed_stage_leaves_no_partial_output(repo: Path, tmp_path: Path) -> 
     run(repo, "git", "checkout", "-q", "--", ".")
     run(repo, "dvc", "checkout", "-q")
     history = repo / "plots/finetune/history.csv"
-    last_history = history.read_bytes()
     set_params(repo / "params.yaml", {"finetune": {"epochs": 500, "patience": 500}})
     env = {
         **os.environ,
@@ -328,7 +327,8 @@ def test_a_killed_stage_leaves_no_partial_output(repo: Path, tmp_path: Path) -> 
     assert not (repo / "models/finetune.pt").exists()
     leftovers = [p.name for p in (repo / "models").iterdir() if ".tmp-" in p.name]
     assert not leftovers
-    assert history.read_bytes() == last_history, "the history is written whole, at the end"
+    # DVC removed the last history before the stage ran; the killed stage wrote no partial one
+    assert not history.exists(), "the history is written whole, at the stage's end"
     assert "finetune" in run(repo, "dvc", "status")
 
     set_params(repo / "params.yaml", {"finetune": {"epochs": 1}})
