@@ -29,6 +29,14 @@ from twophase.train import fit
 CPU = torch.device("cpu")
 
 
+def run_stage_script(
+    folder: Path, stage: str, *python_flags: str
+) -> subprocess.CompletedProcess[str]:
+    """stages/<stage>.py run in `folder` as DVC runs it."""
+    command = [sys.executable, *python_flags, str(PROJECT / "stages" / f"{stage}.py")]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_seed_out_of_numpys_range_is_a_params_error(seed: int) -> None:
     with pytest.raises(ParamsError, match=r"^seed: .* expected an integer in \[0, 2\*\*32\)"):
@@ -200,12 +208,7 @@ def test_frozen_batchnorm_keeps_running_statistics_while_affine_parameters_train
 
 def test_negative_seed_fails_the_first_stage_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("seed: -3\n")
-    done = subprocess.run(
-        [sys.executable, str(PROJECT / "stages" / "split.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    done = run_stage_script(tmp_path, "split")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "twophase: error: seed: -3 is not allowed; expected an integer in [0, 2**32)"
@@ -409,12 +412,7 @@ def test_validate_names_a_missing_data_root_before_dvc_does(tmp_path: Path) -> N
     (tmp_path / "params.yaml").write_text(
         "data:\n  dataset: imagefolder\n  root: /no/such/folder\n"
     )
-    done = subprocess.run(
-        [sys.executable, str(PROJECT / "stages" / "validate.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    done = run_stage_script(tmp_path, "validate")
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("twophase: error: data.root: '/no/such/folder' does not exist")
@@ -424,12 +422,7 @@ def test_validate_names_a_missing_data_root_before_dvc_does(tmp_path: Path) -> N
 def test_a_stage_run_by_a_python_without_the_packages_says_so_in_one_line(tmp_path: Path) -> None:
     """`dvc repro` outside the project's environment runs a python without torch: one line
     naming that python and the environment to activate, no import traceback."""
-    done = subprocess.run(
-        [sys.executable, "-S", str(PROJECT / "stages" / "validate.py")],  # -S: no site-packages
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    done = run_stage_script(tmp_path, "validate", "-S")  # -S: no site-packages
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"twophase: error: {sys.executable} has no ")
@@ -489,12 +482,7 @@ def test_validate_names_what_dvc_cannot_hash_in_data_root(tmp_path: Path) -> Non
     with open(os.fsencode(root / "cat") + b"/caf\xe9.jpg", "wb") as handle:
         handle.write(b"x")
     (tmp_path / "params.yaml").write_text(f"data:\n  dataset: imagefolder\n  root: {root}\n")
-    done = subprocess.run(
-        [sys.executable, str(PROJECT / "stages" / "validate.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    done = run_stage_script(tmp_path, "validate")
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"twophase: error: data.root: '{root}' holds what DVC cannot hash")
