@@ -117,12 +117,15 @@ class ParamsGuard:
     """
 
     def __init__(self, stage: str) -> None:
-        entry = stage_entry(stage)
+        stages = dvc_stages()  # dvc.yaml, read once
+        entry = stages.get(stage)
         self.keys = None if entry is None else declared_params(entry)
         self.outs = [] if entry is None else fresh_outputs(entry)
         self.start = self.snapshot()
-        for out in every_output():  # what runs killed with SIGKILL left beside any output: a
-            if out.parent.is_dir():  # stage DVC restores from its run-cache never runs itself
+        # what runs killed with SIGKILL left beside any stage's output: a stage DVC restores
+        # from its run-cache never runs itself
+        for out in (path for each in stages.values() for path in outputs(each)):
+            if out.parent.is_dir():
                 remove_stale_temporaries(out)
 
     def snapshot(self) -> dict[str, Any]:
@@ -162,13 +165,15 @@ class ParamsGuard:
         )
 
 
-def stage_entry(stage: str, dvc_yaml: Path = DVC_YAML) -> dict[str, Any] | None:
-    """dvc.yaml's entry of `stage` (None: no dvc.yaml here, or no such stage)."""
+def dvc_stages(dvc_yaml: Path = DVC_YAML) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's stages by name (none without a readable dvc.yaml here)."""
     try:
-        entry = read_yaml(dvc_yaml.read_text(encoding="utf-8"))["stages"][stage]
+        stages = read_yaml(dvc_yaml.read_text(encoding="utf-8"))["stages"]
     except (OSError, yaml.YAMLError, TwophaseError, KeyError, TypeError):
-        return None
-    return entry if isinstance(entry, dict) else None
+        return {}
+    if not isinstance(stages, dict):
+        return {}
+    return {name: entry for name, entry in stages.items() if isinstance(entry, dict)}
 
 
 def declared_params(entry: dict[str, Any]) -> list[str]:
@@ -180,15 +185,6 @@ def declared_params(entry: dict[str, Any]) -> list[str]:
         elif isinstance(item, dict):  # {other_file.yaml: [keys]}: only params.yaml's count
             keys += [k for file, ks in item.items() if file == str(PARAMS_FILE) for k in ks or []]
     return keys
-
-
-def every_output(dvc_yaml: Path = DVC_YAML) -> list[Path]:
-    """The outputs of every stage of dvc.yaml (none without one)."""
-    try:
-        stages = read_yaml(dvc_yaml.read_text(encoding="utf-8"))["stages"]
-    except (OSError, yaml.YAMLError, TwophaseError, KeyError, TypeError):
-        return []
-    return [path for entry in stages.values() if isinstance(entry, dict) for path in outputs(entry)]
 
 
 def outputs(entry: dict[str, Any]) -> dict[Path, bool]:
