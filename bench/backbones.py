@@ -26,8 +26,8 @@ from twophase.backbones import (
     block_names,
     describe,
 )
-from twophase.features import FrozenTrunk
 from twophase.model import build_model, classifier_in_features
+from twophase.network import FrozenTrunk
 
 ARCHS = (
     "resnet18,resnet50,regnet_y_400mf,regnet_y_1_6gf,convnext_tiny,efficientnet_b0,"

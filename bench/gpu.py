@@ -31,11 +31,12 @@ sys.path.insert(0, str(BENCH))
 
 from synth import make_imagefolder  # noqa: E402
 
-from twophase import features  # noqa: E402
-from twophase.backbones import Tail, block_names, describe, set_trainable  # noqa: E402
+from twophase import cache, features, network  # noqa: E402
+from twophase.backbones import block_names, describe  # noqa: E402
 from twophase.batches import array_batches  # noqa: E402
 from twophase.datasets import index_imagefolder  # noqa: E402
 from twophase.model import Preprocessing, build_head, build_model, classifier_in_features  # noqa: E402
+from twophase.network import Tail, set_trainable  # noqa: E402
 from twophase.runtime import autocast, autocast_dtype, resolve_device  # noqa: E402
 from twophase.train import fit  # noqa: E402
 
@@ -81,7 +82,7 @@ def main() -> None:
     model = build_model(args.arch, "none", args.size)
     family = describe(model, args.arch)
     cut = block_names(model, family)[-1]
-    trunk = features.FrozenTrunk(copy.deepcopy(model), family, cut).to(device).eval()
+    trunk = network.FrozenTrunk(copy.deepcopy(model), family, cut).to(device).eval()
     trunk = trunk.to(memory_format=torch.channels_last)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -107,7 +108,7 @@ def main() -> None:
     synchronize(device)
     result["features_img_s"] = round(len(paths) / (time.perf_counter() - start), 1)
 
-    activations, cached_labels = features.load_activations(work / "activations", "train")
+    activations, cached_labels = cache.load_activations(work / "activations", "train")
     width = classifier_in_features(model, family)
     model.set_submodule(family.classifier, build_head(width, [256], 0.3, 4))
     tail = Tail(model, family, cut, freeze_batchnorm=True)

@@ -111,11 +111,11 @@ def floors(repo: Path, args: argparse.Namespace) -> dict[str, float]:
     """The least work each phase must do, timed in-process, without DVC or stage start-up."""
     import pandas as pd
 
-    from twophase.backbones import Tail, describe, set_trainable
+    from twophase.backbones import describe
     from twophase.batches import BatchOrder, array_batches
-    from twophase.features import FrozenTrunk
-    from twophase.images import ImageDataset, image_batches
+    from twophase.images import ImageBatches, ImageDataset
     from twophase.model import Preprocessing, build_head, build_model
+    from twophase.network import FrozenTrunk, Tail, set_trainable
     from twophase.train import run_epoch
 
     split = pd.read_csv(repo / "data/split.csv")
@@ -126,7 +126,7 @@ def floors(repo: Path, args: argparse.Namespace) -> dict[str, float]:
     dataset = ImageDataset(
         split["path"].tolist(), split["label"].tolist(), args.image_size, Preprocessing()
     )
-    loader = image_batches(dataset, BatchOrder(len(dataset), 64, False), args.workers)
+    loader = ImageBatches(dataset, BatchOrder(len(dataset), 64, False), args.workers)
     start = time.perf_counter()
     with torch.inference_mode():
         for images, _ in loader:

@@ -18,12 +18,16 @@ sys.path.insert(0, str(BENCH))
 
 from synth import make_imagefolder  # noqa: E402
 
-from twophase.backbones import Tail, describe, set_trainable  # noqa: E402
+from twophase.backbones import describe  # noqa: E402
 from twophase.batches import BatchOrder  # noqa: E402
 from twophase.decode import load_rgb  # noqa: E402
-from twophase.features import FrozenTrunk  # noqa: E402
-from twophase.images import ImageDataset, eval_transform, image_batches  # noqa: E402
+from twophase.images import ImageBatches, ImageDataset, eval_transform  # noqa: E402
 from twophase.model import Preprocessing, build_head, build_model  # noqa: E402
+from twophase.network import (  # noqa: E402
+    FrozenTrunk,
+    Tail,
+    set_trainable,
+)
 
 
 def rate(name: str, images: int, fn: Callable[[], object], repeats: int = 3) -> None:
@@ -69,7 +73,7 @@ def main() -> None:
         rate("trunk forward fp32 channels-last", 64, lambda: trunk(x_cl))
         for workers in (0, 1, 2):
             data = ImageDataset(paths, [0] * len(paths), 224, prep)
-            loader = image_batches(data, BatchOrder(len(data), 64, False), workers)
+            loader = ImageBatches(data, BatchOrder(len(data), 64, False), workers)
             rate(
                 f"decode + trunk, {workers} workers",
                 len(paths),

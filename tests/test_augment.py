@@ -18,10 +18,10 @@ import torch
 
 from tests.helpers import make_imagefolder
 from tests.test_phases import tiny_params
-from twophase import features
+from twophase import cache, features
 from twophase.batches import ArrayBatches, BatchOrder
 from twophase.datasets import build_index
-from twophase.images import DrawOrder, ImageDataset, image_batches
+from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.model import Preprocessing
 from twophase.params import ParamsError, parse_params
 from twophase.phases import finetune, train_transfer
@@ -73,21 +73,21 @@ def test_augmented_images_differ_from_the_plain_view_and_repeat_with_the_seed(
 
 def test_cached_views_are_written_for_the_training_split_only(folder: Path) -> None:
     embeddings, activations = _cache(folder, "views2", features={"views": 2})
-    plain, labels = features.load_embeddings(embeddings, "train")
-    views = features.load_views(embeddings, "embeddings")
-    act_views = features.load_views(activations, "activations")
+    plain, labels = cache.load_embeddings(embeddings, "train")
+    views = cache.load_views(embeddings, "embeddings")
+    act_views = cache.load_views(activations, "activations")
     assert views is not None and act_views is not None
     assert views.shape == (2, len(labels), plain.shape[1])
     assert act_views.shape == (2, len(labels), 2, 2, 256)
     assert not np.allclose(views[0], plain) and not np.allclose(views[0], views[1])
     assert not list(embeddings.glob("val_views*")) and not list(embeddings.glob("test_views*"))
-    meta = features.load_meta(embeddings)
+    meta = cache.load_meta(embeddings)
     assert meta["views"] == 2 and meta["augment"] == list(AUGMENT)
 
     default_embeddings, _ = _cache(folder, "views0")
-    assert features.load_views(default_embeddings, "embeddings") is None
-    assert np.array_equal(features.load_embeddings(default_embeddings, "train")[0], plain)
-    assert "views" not in features.load_meta(default_embeddings)
+    assert cache.load_views(default_embeddings, "embeddings") is None
+    assert np.array_equal(cache.load_embeddings(default_embeddings, "train")[0], plain)
+    assert "views" not in cache.load_meta(default_embeddings)
 
 
 def test_the_same_seed_caches_the_same_views_and_another_seed_others(folder: Path) -> None:
@@ -150,7 +150,7 @@ def test_fit_names_every_epoch_to_the_training_batches() -> None:
 def test_streamed_images_draw_a_new_augmentation_every_epoch(folder: Path) -> None:
     paths = sorted(str(p) for p in (folder / "images" / "train").rglob("*.jpg"))[:4]
     data = ImageDataset(paths, [0] * 4, 32, Preprocessing(), AUGMENT, seed=3)
-    batches = image_batches(data, DrawOrder(BatchOrder(4, 4, False), 1))
+    batches = ImageBatches(data, DrawOrder(BatchOrder(4, 4, False), 1))
     batches.set_epoch(1)
     first = next(iter(batches))[0]
     batches.set_epoch(2)
@@ -223,7 +223,7 @@ def test_a_cache_made_for_streaming_has_no_training_activations(
         assert (embeddings / name).read_bytes() == (cached_embeddings / name).read_bytes()
     params = tiny_params()
     train_transfer(params, embeddings, tmp_path / "t.pt", tmp_path / "t.csv")
-    with pytest.raises(features.FeatureCacheError, match=r"finetune\.input is cached"):
+    with pytest.raises(cache.FeatureCacheError, match=r"finetune\.input is cached"):
         finetune(params, activations, tmp_path / "t.pt", tmp_path / "f.pt", tmp_path / "f.csv")
 
 

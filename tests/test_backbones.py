@@ -14,14 +14,15 @@ import torchvision
 
 from tests.helpers import PROJECT
 from tests.test_train import tiny_network
-from twophase import features
-from twophase.backbones import FAMILIES, Tail, block_names, describe, supported_archs
+from twophase import cache
+from twophase.backbones import FAMILIES, block_names, describe, supported_archs
 from twophase.batches import array_batches
-from twophase.checkpoint import cached_input_model, load_checkpoint, save_checkpoint
-from twophase.features import FrozenTrunk, extract
-from twophase.model import Preprocessing, build_model, check_arch, model_kwargs, resolve_cut
+from twophase.checkpoint import load_checkpoint, save_checkpoint
+from twophase.features import extract
+from twophase.model import Preprocessing, build_model, check_arch, model_kwargs
+from twophase.network import FrozenTrunk, Tail, cached_input_model, predict, resolve_cut
 from twophase.params import ParamsError, parse_params
-from twophase.train import FitResult, predict
+from twophase.train import FitResult
 
 CPU = torch.device("cpu")
 # one model of each family, at a size that fits its patch grid / downsampling
@@ -96,7 +97,7 @@ def test_an_invalid_unfreeze_lists_the_valid_choices_for_the_arch(unfreeze: list
 
 
 def test_an_image_size_that_misfits_the_patch_grid_is_one_line() -> None:
-    from twophase.features import output_shapes
+    from twophase.cache import output_shapes
 
     with pytest.raises(ParamsError, match=r"^data.image_size: 30 does not fit vit_b_16 \(Input"):
         build_model("vit_b_16", "none", 30)
@@ -136,8 +137,8 @@ def test_cached_path_equals_streamed_and_checkpoint_loads_into_plain_torchvision
         meta={"arch": arch},
         dtype="float32",
     )
-    activations, _ = features.load_activations(tmp_path / "activations", "test")
-    nhwc = features.load_meta(tmp_path / "activations")["layout"] == "nchw"
+    activations, _ = cache.load_activations(tmp_path / "activations", "test")
+    nhwc = cache.load_meta(tmp_path / "activations")["layout"] == "nchw"
     cached_probs, _ = predict(
         Tail(model, family, cut), array_batches(activations, np.array(labels), 2, nhwc=nhwc), CPU
     )
@@ -195,15 +196,16 @@ def _saved(images: torch.Tensor, folder: Path) -> tuple[list[str], list[int]]:
 
 def _streamed_probs(model: torch.nn.Module, paths: list[str], size: int) -> torch.Tensor:
     from twophase.batches import BatchOrder
-    from twophase.images import ImageDataset, image_batches
+    from twophase.images import ImageBatches, ImageDataset
 
     data = ImageDataset(paths, [0] * len(paths), size, Preprocessing())
-    probs, _ = predict(model, image_batches(data, BatchOrder(len(data), 2, False)), CPU)
+    probs, _ = predict(model, ImageBatches(data, BatchOrder(len(data), 2, False)), CPU)
     return probs
 
 
 def test_timm_blocks_come_from_feature_info_and_the_tail_is_checked() -> None:
-    from twophase.backbones import ArchError, check_tail
+    from twophase.backbones import ArchError
+    from twophase.network import check_tail
 
     model = build_model("timm/efficientnet_b0", "none", 32)
     family = describe(model, "timm/efficientnet_b0")

@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from twophase.backbones import Family, Tail, block_names, check_tail, describe, set_trainable
-from twophase.model import build_head, build_model, classifier_in_features, resolve_cut
+from twophase.backbones import Family, block_names, describe
+from twophase.model import build_head, build_model, classifier_in_features
+from twophase.network import Tail, check_tail, discriminative_groups, resolve_cut, set_trainable
 from twophase.optim import Recipe, make_optimizer
 from twophase.params import ParamsError
-from twophase.phases import discriminative_groups
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from tests.helpers import make_imagefolder
-from twophase import features
+from twophase import cache, features
 from twophase.batches import array_batches
-from twophase.checkpoint import cached_input_model, load_checkpoint
+from twophase.checkpoint import load_checkpoint
 from twophase.datasets import build_index
 from twophase.evaluation import evaluate
+from twophase.network import cached_input_model
 from twophase.params import Params, parse_params
 from twophase.phases import finetune, train_transfer
 from twophase.report import PHASE_STAGES as PHASES
@@ -59,15 +60,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_feature_cache_holds_every_subset_memory_mapped(workdir: Path) -> None:
-    meta = features.load_meta(workdir / "activations")
+    meta = cache.load_meta(workdir / "activations")
     assert meta["cut"] == "layer4" and meta["class_names"] == ["a", "b", "c"]
-    assert "cut" not in features.load_meta(workdir / "embeddings")
-    embeddings, _ = features.load_embeddings(workdir / "embeddings", "train")
-    activations, _ = features.load_activations(workdir / "activations", "train")
+    assert "cut" not in cache.load_meta(workdir / "embeddings")
+    embeddings, _ = cache.load_embeddings(workdir / "embeddings", "train")
+    activations, _ = cache.load_activations(workdir / "activations", "train")
     assert isinstance(activations, np.memmap)
     assert embeddings.shape == (18, 512)
     assert activations.shape == (18, 2, 2, 256)  # layer3's output at 32 px, NHWC
-    _, test_labels = features.load_embeddings(workdir / "embeddings", "test")
+    _, test_labels = cache.load_embeddings(workdir / "embeddings", "test")
     assert test_labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
 
 
@@ -87,7 +88,7 @@ def test_checkpoint_holds_the_best_epoch_and_runs_are_identical(workdir: Path) -
     other, _ = load_checkpoint(ckpt2)
     for key, value in network.state_dict().items():
         assert torch.equal(value, other.state_dict()[key]), key
-    val = features.load_embeddings(workdir / "embeddings", "val")
+    val = cache.load_embeddings(workdir / "embeddings", "val")
     loss, _ = run_epoch(cached_input_model(network, meta), array_batches(*val, 8), CPU)
     assert loss == pytest.approx(first.best_val_loss, abs=1e-5)
     assert meta["best_epoch"] == first.best_epoch

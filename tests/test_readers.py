@@ -122,7 +122,7 @@ def test_writing_the_cache_keeps_the_process_memory_flat(tmp_path: Path) -> None
 import resource, sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / "src")!r})
 from pathlib import Path
-from twophase.features import NpyRows
+from twophase.cache import NpyRows
 batch = torch.ones(64, 1024, 4)  # 1 MiB of float32
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rows = NpyRows(Path({str(tmp_path / "big.npy")!r}), 64 * 256, (1024, 4))

@@ -11,8 +11,8 @@ from tests.helpers import PROJECT
 from tests.test_train import separable_embeddings, tiny_network
 from twophase.batches import array_batches
 from twophase.model import build_head
+from twophase.network import discriminative_groups
 from twophase.optim import Recipe, lr_factor
-from twophase.phases import discriminative_groups
 from twophase.train import fit, fit_linear_probe, run_epoch
 
 CPU = torch.device("cpu")

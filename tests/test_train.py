@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from tests.helpers import make_imagefolder
-from twophase import features
-from twophase.backbones import Tail, describe, set_trainable
+from twophase import cache
+from twophase.backbones import describe
 from twophase.batches import ArrayBatches, BatchOrder, array_batches
-from twophase.features import FrozenTrunk, extract
-from twophase.images import ImageDataset, image_batches
+from twophase.features import extract
+from twophase.images import ImageBatches, ImageDataset
 from twophase.model import Preprocessing, build_head, build_model, classifier_in_features
+from twophase.network import FrozenTrunk, Tail, set_trainable
 from twophase.train import NonFiniteLossError, fit, run_epoch
 
 CPU = torch.device("cpu")
@@ -106,7 +107,7 @@ def test_frozen_part_gets_no_gradient_and_its_batchnorm_stays_in_eval_mode(tiny_
     frozen_before = {n: copy.deepcopy(model.get_submodule(n).state_dict()) for n in FROZEN}
     layer4_before = copy.deepcopy(model.layer4.state_dict())
     data = ImageDataset(paths, labels, 32, Preprocessing())
-    batches = image_batches(data, BatchOrder(len(data), 6, shuffle=True))
+    batches = ImageBatches(data, BatchOrder(len(data), 6, shuffle=True))
     fit(Streamed(tail), batches, batches, lr=1e-2, epochs=2, patience=5, device=CPU)
 
     tail.train()
@@ -203,27 +204,27 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
     cached_net = copy.deepcopy(streamed_net)
     data = ImageDataset(paths, labels, 32, Preprocessing())
 
-    cache = tmp_path / "activations"
+    cache_dir = tmp_path / "activations"
     trunk = FrozenTrunk(copy.deepcopy(cached_net.model), cached_net.family, "layer4")
     extract(
         trunk,
         {"train": (paths, labels)},
         tmp_path / "embeddings",
-        cache,
+        cache_dir,
         image_size=32,
         prep=Preprocessing(),
         batch_size=5,
         num_workers=0,
         device=CPU,
     )
-    activations, _ = features.load_activations(cache, "train")  # memory-mapped, NHWC
+    activations, _ = cache.load_activations(cache_dir, "train")  # memory-mapped, NHWC
     labels_array = np.asarray(labels)
 
     torch.manual_seed(3)
     streamed = fit(
         Streamed(streamed_net),
-        image_batches(data, BatchOrder(len(data), 6, True, seed=3)),
-        image_batches(data, BatchOrder(len(data), 6, False)),
+        ImageBatches(data, BatchOrder(len(data), 6, True, seed=3)),
+        ImageBatches(data, BatchOrder(len(data), 6, False)),
         lr=1e-3,
         epochs=2,
         patience=5,

@@ -16,10 +16,10 @@ from torch import nn
 from tests.helpers import PROJECT, write_image
 from tests.test_datasets import fake_pet
 from tests.test_train import tiny_network
-from twophase import features
+from twophase import cache, features
 from twophase.batches import array_batches
+from twophase.cache import FeatureCacheError, check_free_space
 from twophase.datasets import DatasetError, build_index
-from twophase.features import FeatureCacheError, check_free_space
 from twophase.io import write_json
 from twophase.model import WeightsError, build_model
 from twophase.params import ParamsError, parse_params
@@ -91,7 +91,7 @@ def test_disk_too_small_for_the_feature_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     usage = type("usage", (), {"free": 2**30})
-    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: usage)
     check_free_space(tmp_path, needed=2**30)  # exactly 1 GiB: fits
     with pytest.raises(FeatureCacheError, match=r"need 4.00 GiB in .* only 1.00 GiB is free"):
         check_free_space(tmp_path, needed=2**32)
@@ -222,8 +222,9 @@ def test_the_disk_check_counts_the_cache_in_bytes(
     import copy
 
     from tests.helpers import make_imagefolder
-    from twophase.features import FrozenTrunk, extract
+    from twophase.features import extract
     from twophase.model import Preprocessing
+    from twophase.network import FrozenTrunk
 
     root = make_imagefolder(tmp_path / "images", classes=("a", "b"), train=3, test=0)
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
@@ -245,7 +246,7 @@ def test_the_disk_check_counts_the_cache_in_bytes(
 
     written = run(tmp_path / "first")  # no backbone.pt here: the arrays are all it writes
     usage = type("usage", (), {"free": 2 * written})  # room for them and DVC's copy, exactly
-    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: usage)
     monkeypatch.setattr(features, "dvc_copies", lambda: 2)
     assert run(tmp_path / "second") == written
     usage.free = written  # room for the cache, none for DVC's copy of it
@@ -266,7 +267,7 @@ def test_the_disk_check_counts_the_cache_in_bytes(
 def test_the_disk_check_counts_dvcs_copy_unless_the_cache_links(
     tmp_path: Path, config: str | None, copies: int
 ) -> None:
-    from twophase.features import dvc_copies
+    from twophase.cache import dvc_copies
 
     path = tmp_path / "config"
     if config is not None:

@@ -20,6 +20,8 @@ timm models (`model.arch: timm/<name>`, optional extra) describe themselves: `ti
 reads the blocks from the model's `feature_info` (the module that ends each resolution stage),
 the classifier from its pretrained config and what runs after the blocks from the order in
 which `forward_features` calls its modules.
+
+The table only describes; cutting the model at a block and running the parts is network.py's.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def timm_family(model: nn.Module, arch: str) -> Family:
 
     The modules `forward_features` calls after the blocks are found by watching one forward
     pass; the features stage then checks that the tail computed this way gives the model's own
-    output (`check_tail`), so a model whose forward is not such a chain is refused, not run.
+    output (`network.check_tail`), so a model whose forward is not such a chain is refused, not run.
     """
     classifier = model.pretrained_cfg.get("classifier")  # type: ignore[union-attr, operator]
     feature_info = getattr(model, "feature_info", None)
@@ -278,11 +280,8 @@ def _forward_features_order(model: nn.Module) -> list[str]:
 
 
 def block_names(model: nn.Module, family: Family) -> list[str]:
-    """The family's blocks in `model`, in forward order, under the names of their first modules.
-
-    A block that is one of several children of a container (timm's `blocks.5` among
-    `blocks.0..6`) brings its siblings after it into the tail: they run after it.
-    """
+    """The family's blocks in `model`, in forward order, under the names of their first modules:
+    the listed modules, or the container's children at `starts` (every child when empty)."""
     if isinstance(family.blocks, tuple):
         return list(family.blocks)
     children = _children(model, family.blocks)
@@ -304,124 +303,3 @@ def _expanded(model: nn.Module, steps: list[str], starts: set[str]) -> list[str]
         else:
             expanded.append(step)
     return expanded
-
-
-def check_tail(model: nn.Module, family: Family, cut: str, image_size: int, arch: str) -> None:
-    """The tail from `cut` must give what the whole model gives (checked once, on noise)."""
-    caught: list[torch.Tensor] = []
-    hook = model.get_submodule(cut).register_forward_pre_hook(lambda _, a: caught.append(a[0]))
-    torch.manual_seed(0)
-    images = torch.randn(2, 3, image_size, image_size)
-    try:
-        with torch.inference_mode():
-            whole = model.eval()(images)
-            tail = Tail(model, family, cut).eval()(caught[0])
-        same = torch.allclose(whole, tail, atol=1e-4, rtol=1e-4)
-    except Exception:  # e.g. a block that takes several branches' outputs (HRNet)
-        same = False
-    finally:
-        hook.remove()
-    if not same:
-        raise ArchError(
-            f"model.arch: {arch!r} is not supported: its forward after {cut} is not a chain of "
-            "modules twophase can run from a cached activation"
-        )
-
-
-class Tail(nn.Module):
-    """The part of a model from block `first` on, up to the logits.
-
-    It shares the model's modules, so training it trains the model. With `first=None` it is the
-    whole model (every block unfrozen: the cached input is the preprocessed image itself).
-    """
-
-    def __init__(
-        self, model: nn.Module, family: Family, first: str | None, freeze_batchnorm: bool = False
-    ) -> None:
-        super().__init__()
-        self.model, self.family, self.first = model, family, first
-        self.freeze_batchnorm = freeze_batchnorm
-        self.steps = family.tail_steps(model, first) if first is not None else []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first is None:
-            return self.model(x)  # type: ignore[no-any-return]
-        for step in self.steps:
-            if step == FORWARD_HEAD:
-                x = self.model.forward_head(x)  # type: ignore[operator]
-            elif step in STEPS:
-                x = STEPS[step](x)
-            else:
-                x = self.model.get_submodule(step)(x)
-        return x
-
-    def trainable_modules(self) -> list[nn.Module]:
-        if self.first is None:
-            return [self.model]
-        names = [s for s in self.steps if s not in STEPS and s != FORWARD_HEAD]
-        if FORWARD_HEAD in self.steps:
-            names += list(self.family.head_modules)
-        return [self.model.get_submodule(name) for name in names]
-
-    def train(self, mode: bool = True) -> Tail:
-        """Only the trainable part switches to train mode; the frozen part stays in eval mode."""
-        self.model.eval()
-        for module in self.trainable_modules():
-            module.train(mode)
-            if self.freeze_batchnorm:
-                for layer in module.modules():
-                    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                        layer.eval()
-        self.training = mode
-        return self
-
-
-class _Reached(Exception):
-    def __init__(self, activation: torch.Tensor) -> None:
-        self.activation = activation
-
-
-class Streamed(nn.Module):
-    """The whole network on images: what the activations cache stands for, computed anew.
-
-    The frozen part runs without gradient (and in eval mode: `Tail.train` keeps it there) up to
-    the tail's first block, where the forward pass is stopped; the tail then runs as on cached
-    activations, so both paths compute the same function.
-    """
-
-    def __init__(self, tail: Tail) -> None:
-        super().__init__()
-        self.tail, self._stopping = tail, False
-        if tail.first is not None:
-            tail.model.get_submodule(tail.first).register_forward_pre_hook(self._stop)
-
-    def _stop(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if self._stopping:
-            raise _Reached(args[0])
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.tail.first is None:
-            return self.tail(images)  # type: ignore[no-any-return]
-        self._stopping = True
-        try:
-            with torch.no_grad():
-                self.tail.model(images)
-        except _Reached as reached:
-            activation = reached.activation
-        else:  # pragma: no cover - guards the family table
-            raise RuntimeError(f"block {self.tail.first} was never reached")
-        finally:
-            self._stopping = False
-        return self.tail(activation)  # type: ignore[no-any-return]
-
-    def train(self, mode: bool = True) -> Streamed:
-        self.tail.train(mode)
-        self.training = mode
-        return self
-
-
-def set_trainable(model: nn.Module, tail: Tail) -> None:
-    """requires_grad on the tail's modules only: the frozen part gets no gradient."""
-    model.requires_grad_(False)
-    for module in tail.trainable_modules():
-        module.requires_grad_(True)

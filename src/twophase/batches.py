@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (inputs, labels), re-iterable per epoch
 
 
 class BatchOrder:

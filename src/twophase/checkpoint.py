@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from twophase.backbones import Tail, describe
 from twophase.io import atomic_path
 from twophase.model import Preprocessing, build_head, create_model
 from twophase.params import Params, to_dict
@@ -112,10 +111,3 @@ def load_checkpoint(path: Path, initialise: bool = False) -> tuple[nn.Module, di
 def preprocessing_of(checkpoint: dict[str, Any]) -> Preprocessing:
     """The checkpoint's preprocessing (the defaults where it stored none: untrained weights)."""
     return Preprocessing(**(checkpoint["preprocessing"] or {}))
-
-
-def cached_input_model(model: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
-    """The part of `model` that scores the cached input the checkpoint reads."""
-    if checkpoint["reads"] == "embeddings":
-        return model.get_submodule(checkpoint["classifier"])
-    return Tail(model, describe(model, checkpoint["arch"]), checkpoint["cut"])

@@ -12,15 +12,15 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from twophase import features
+from twophase import cache
 from twophase.backbones import block_names, describe
 from twophase.batches import array_batches
-from twophase.checkpoint import cached_input_model, load_checkpoint
+from twophase.checkpoint import load_checkpoint
 from twophase.io import write_csv, write_json
 from twophase.metrics import TRAINED_BLOCKS, score, side_by_side
+from twophase.network import cached_input_model, predict
 from twophase.params import Params
 from twophase.runtime import autocast_dtype, resolve_device
-from twophase.train import predict
 
 
 def trained_blocks(network: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
@@ -45,9 +45,9 @@ def evaluate(
     """Score each phase's checkpoint on the cached test inputs; write metrics and predictions."""
     device = resolve_device(params.device)
     amp = autocast_dtype(device, params.precision)
-    test_embeddings, test_labels = features.load_embeddings(embeddings_dir, "test")
-    test_activations, _ = features.load_activations(activations_dir, "test")
-    activations_meta = features.load_meta(activations_dir)
+    test_embeddings, test_labels = cache.load_embeddings(embeddings_dir, "test")
+    test_activations, _ = cache.load_activations(activations_dir, "test")
+    activations_meta = cache.load_meta(activations_dir)
     test_rows = split[split["subset"] == "test"].reset_index(drop=True)
     scores: dict[str, dict[str, Any]] = {}
     per_class = []

@@ -154,7 +154,3 @@ class ImageBatches:
 
     def __len__(self) -> int:
         return len(self.loader)
-
-
-def image_batches(dataset: ImageDataset, order: Order, num_workers: int = 0) -> ImageBatches:
-    return ImageBatches(dataset, order, num_workers)

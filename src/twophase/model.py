@@ -1,8 +1,9 @@
-"""The network: a torchvision classification model whose classifier is replaced by an MLP head.
+"""The model: a torchvision (or timm) classification model with its weights and preprocessing,
+and the MLP head that replaces its classifier.
 
 Checkpoints hold the model's own state-dict keys, so they load into plain torchvision (README).
-The family table (backbones.py) says where each model's blocks and classifier are; the blocks
-before the first unfrozen one are frozen, run in eval mode and are computed once (features.py).
+Where the model is cut into a frozen trunk and a trained tail is network.py's; where each
+family's blocks and classifier are is the family table's (backbones.py).
 """
 
 from __future__ import annotations
@@ -229,28 +230,3 @@ def build_head(
         width = units
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
-
-
-def resolve_cut(arch: str, blocks: Sequence[str], unfreeze: Sequence[str]) -> str | None:
-    """The first unfrozen block for `finetune.unfreeze` (None: every block, from the input on).
-
-    `unfreeze` names the last blocks in the model's own terms, or is one integer N (the last N
-    blocks), or `all`.
-    """
-    count = len(blocks)
-    if tuple(unfreeze) == ("all",):
-        return None
-    if len(unfreeze) == 1 and unfreeze[0].isdigit() and 1 <= int(unfreeze[0]) <= count:
-        return blocks[-int(unfreeze[0])]
-    if len(set(unfreeze)) == len(unfreeze) and set(unfreeze) == set(blocks[-len(unfreeze) :]):
-        return blocks[-len(unfreeze)]
-    examples = f"[{blocks[-1]}] or [{blocks[-2]}, {blocks[-1]}]" if count > 1 else f"[{blocks[0]}]"
-    raise ParamsError(
-        f"finetune.unfreeze: {list(unfreeze)} is not allowed for {arch}; expected its last "
-        f"blocks, e.g. {examples} (its blocks: {', '.join(blocks)}), an integer 1..{count}, "
-        "or all"
-    )
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

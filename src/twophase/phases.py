@@ -23,20 +23,21 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from twophase import features
-from twophase.backbones import Streamed, Tail, block_names, describe, set_trainable
-from twophase.batches import ArrayBatches, BatchOrder
+from twophase import cache
+from twophase.backbones import block_names, describe
+from twophase.batches import ArrayBatches, Batches, BatchOrder
 from twophase.batches import array_batches as batches
+from twophase.cache import FeatureCacheError
 from twophase.checkpoint import load_checkpoint, preprocessing_of, save_checkpoint
 from twophase.distributed import SINGLE, World, global_batchnorm
-from twophase.features import FeatureCacheError
 from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.io import atomic_path
-from twophase.model import build_head, resolve_cut
+from twophase.model import build_head
+from twophase.network import Streamed, Tail, discriminative_groups, resolve_cut, set_trainable
 from twophase.optim import recipe_of
 from twophase.params import FinetuneParams, Params, ParamsError
 from twophase.runtime import autocast_dtype, seed_everything
-from twophase.train import Batches, EpochStats, FitResult, fit, fit_linear_probe
+from twophase.train import EpochStats, FitResult, fit, fit_linear_probe
 
 if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
     import pandas as pd
@@ -71,12 +72,12 @@ def train_transfer(
     Under DDP, rank 0 alone writes the history and the checkpoint."""
     seed_everything(params.seed)
     device = world.device_for(params.device)
-    meta = features.load_meta(embeddings_dir)
-    train = features.load_embeddings(embeddings_dir, "train", in_memory=True)
-    val = features.load_embeddings(embeddings_dir, "val", in_memory=True)
-    train_views = features.load_views(embeddings_dir, "embeddings", in_memory=True)
+    meta = cache.load_meta(embeddings_dir)
+    train = cache.load_embeddings(embeddings_dir, "train", in_memory=True)
+    val = cache.load_embeddings(embeddings_dir, "val", in_memory=True)
+    train_views = cache.load_views(embeddings_dir, "embeddings", in_memory=True)
     # The backbone comes from the cache, not torchvision: this stage stays quick to start.
-    backbone = torch.load(embeddings_dir / features.BACKBONE, map_location="cpu", weights_only=True)
+    backbone = torch.load(embeddings_dir / cache.BACKBONE, map_location="cpu", weights_only=True)
     head = build_head(
         meta["embedding_dim"],
         params.model.dense_units,
@@ -148,7 +149,7 @@ def finetune(
     family = describe(model, start["arch"])
     blocks = block_names(model, family)
     cut = resolve_cut(start["arch"], blocks, params.finetune.unfreeze)
-    meta = features.load_meta(activations_dir)
+    meta = cache.load_meta(activations_dir)
     if meta["cut"] != cut:
         raise FeatureCacheError(
             f"finetune.unfreeze starts at {cut or 'the input'} but the feature cache in "
@@ -178,7 +179,7 @@ def finetune(
             global_batchnorm(model, {id(m) for m in trained if isinstance(m, _BatchNorm)})
         groups, scales = discriminative_groups(tail, blocks, phase.lr_decay)
         nhwc = meta["layout"] == "nchw"
-        val = features.load_activations(activations_dir, "val")
+        val = cache.load_activations(activations_dir, "val")
         model_in_training: nn.Module = tail
         if phase.input == "images":
             if split is None:
@@ -259,8 +260,8 @@ def cached_batches(
     """Phase 2's training batches from the cache: held on the GPU when they fit there, else
     read ahead by `compute.num_workers` processes into pinned memory."""
     phase = params.finetune
-    train = features.load_activations(activations_dir, "train")
-    views = features.load_views(activations_dir, "activations")
+    train = cache.load_activations(activations_dir, "train")
+    views = cache.load_views(activations_dir, "activations")
     size = train[0].nbytes + (0 if views is None else views.nbytes)
     if phase.shuffle == "full" and world.is_main:
         warn_if_larger_than_memory(size)
@@ -311,43 +312,6 @@ def streamed_batches(
         len(dataset), params.finetune.batch_size, True, params.seed, world.rank, world.size
     )
     return ImageBatches(dataset, DrawOrder(order, STREAMED_DRAW), params.features.num_workers)
-
-
-def discriminative_groups(
-    tail: Tail, blocks: list[str], decay: float
-) -> tuple[list[list[nn.Parameter]], list[float]]:
-    """Parameter groups for phase 2: each unfrozen block (its start up to the next block's, as
-    `Family.block_members` says) at lr * decay**k, k = 1 for the last block, 2 for the one
-    before, ...; what follows the last block (norms, pooling, the head) at the phase's LR and,
-    when every block trains, what precedes the first (the stem, embeddings) one step below the
-    first block. Every trainable parameter is in exactly one group. One group when decay is 1."""
-    trainable = [p for p in tail.parameters() if p.requires_grad]
-    if decay == 1.0:
-        return [trainable], [1.0]
-    first = blocks[0] if tail.first is None else tail.first
-    members = tail.family.block_members(tail.model, first)
-    placed: set[int] = set()
-    stem: list[nn.Parameter] = []
-    if tail.first is None:  # the stem: what the tail from the first block does not run
-        runs = Tail(tail.model, tail.family, first).trainable_modules()
-        from_first = {id(p) for module in runs for p in module.parameters()}
-        stem = [p for p in trainable if id(p) not in from_first]
-        placed.update(id(p) for p in stem)
-    block_params: list[list[nn.Parameter]] = []
-    for modules in reversed(members.values()):
-        group = []
-        for name in modules:
-            for param in tail.model.get_submodule(name).parameters():
-                if param.requires_grad and id(param) not in placed:
-                    group.append(param)
-                    placed.add(id(param))
-        block_params.append(group)
-    head = [p for p in trainable if id(p) not in placed]
-    groups = [head, *block_params]
-    scales = [decay**k for k in range(len(groups))]
-    if tail.first is None:
-        return [*groups, stem], [*scales, decay ** len(groups)]
-    return groups, scales
 
 
 def finetune_summary(result: FitResult) -> dict[str, float | int | bool]:

@@ -22,7 +22,7 @@ from twophase.checkpoint import network_of, preprocessing_of
 from twophase.datasets import IMAGE_EXTENSIONS
 from twophase.decode import unreadable_reason
 from twophase.errors import TwophaseError
-from twophase.images import ImageDataset, image_batches
+from twophase.images import ImageBatches, ImageDataset
 from twophase.io import atomic_path
 from twophase.runtime import autocast, autocast_dtype, resolve_device
 
@@ -128,7 +128,7 @@ def predict_images(
     dataset = ImageDataset(images, [0] * len(images), checkpoint["image_size"], prep)
     model.to(where).eval()
     rows: list[dict[str, Any]] = []
-    batches = image_batches(dataset, BatchOrder(len(dataset), batch_size, shuffle=False))
+    batches = ImageBatches(dataset, BatchOrder(len(dataset), batch_size, shuffle=False))
     with (
         torch.inference_mode(),
         tqdm(total=len(dataset), desc="predict", unit="img", disable=None) as bar,

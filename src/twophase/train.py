@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -18,15 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from twophase.batches import slice_start
+from twophase.batches import Batches, slice_start
 from twophase.distributed import SINGLE, World
 from twophase.dropout import keyed, keyed_dropouts
 from twophase.errors import TwophaseError
-from twophase.model import trainable_parameters
+from twophase.network import trainable_parameters
 from twophase.optim import Optimizer, Recipe, decay_exempt, make_optimizer, set_epoch_lr
-from twophase.runtime import autocast
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+from twophase.runtime import autocast, to_device
 
 
 class NonFiniteLossError(TwophaseError):
@@ -79,14 +77,6 @@ class FitResult:
         return [asdict(stats) for stats in self.history]
 
 
-def _to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Images and activations go channels-last: measured faster on this CPU (bench/RESULTS.md)."""
-    inputs = inputs.to(device, non_blocking=True)
-    if inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs
-
-
 def run_epoch(
     model: nn.Module,
     batches: Batches,
@@ -107,7 +97,7 @@ def run_epoch(
     smoothing = label_smoothing if training else 0.0
     with torch.set_grad_enabled(training):
         for step, (inputs, labels) in enumerate(batches):
-            inputs = _to_device(inputs, device)
+            inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
             batch_size = int(world.sum(len(labels))[0]) if training else len(labels)
             offset = slice_start(batch_size, world.rank, world.size)
@@ -259,24 +249,6 @@ def fit(
         model.load_state_dict(best_state)
     result.wall_seconds = time.perf_counter() - start
     return result
-
-
-def predict(
-    model: nn.Module,
-    batches: Batches,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, labels) over all batches, on the CPU."""
-    model.to(device).to(memory_format=torch.channels_last).eval()
-    probs, labels = [], []
-    with torch.inference_mode():
-        for inputs, targets in batches:
-            with autocast(device, amp_dtype):
-                logits = model(_to_device(inputs, device))
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
-            labels.append(targets)
-    return torch.cat(probs), torch.cat(labels)
 
 
 L2_GRID = tuple(10.0**k for k in range(-6, 3))  # 1e-6 ... 1e2
