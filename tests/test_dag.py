@@ -93,3 +93,19 @@ def test_the_docs_name_the_stages_that_depend_on_data_root(document: str, before
     named = set(re.findall(r"`(\w+)`", sentence))
     depending = {name for name, stage in STAGES.items() if "${data.root}" in stage["deps"]}
     assert named == depending
+
+
+TRAINING_MODULES = ("train.py", "optim.py", "phases.py", "dropout.py", "distributed.py")
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["stages/evaluate.py", "stages/export.py", "src/twophase/predict.py", "src/twophase/cli.py"],
+)
+def test_inference_imports_no_training_module(script: str) -> None:
+    """Scoring, exporting and `twophase predict` run a checkpoint: an edit to the optimizer or
+    the training loop must not rerun the evaluate and export stages."""
+    closure = import_closure(PROJECT / script)
+    assert "src/twophase/checkpoint.py" in closure  # the finder really followed the imports
+    training = {f"src/twophase/{name}" for name in TRAINING_MODULES}
+    assert not closure & training, f"{script} imports {sorted(closure & training)}"

@@ -24,13 +24,12 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from twophase.distributed import World
 from twophase.errors import TwophaseError
 from twophase.io import atomic_path, read_json, write_json
 from twophase.params import ParamsError
@@ -38,6 +37,18 @@ from twophase.params import ParamsError
 BACKBONE = "backbone.pt"
 # numpy has no bfloat16: its bits are stored as uint16 (read back in batches.py)
 STORED_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+
+
+class Ranks(Protocol):
+    """The processes writing the cache (a `distributed.World`): rank 0 creates the folders and
+    files, every rank writes its rows into them."""
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+    def broadcast(self, value: object) -> object: ...
 
 
 class FeatureCacheError(TwophaseError):
@@ -75,7 +86,7 @@ class CacheWriter:
         activations: Path,
         shapes: tuple[tuple[int, ...], tuple[int, ...]],
         dtype: str,
-        world: World,
+        world: Ranks,
     ) -> None:
         self.embeddings, self.activations = embeddings, activations
         self.act_shape, self.emb_shape = shapes
@@ -127,7 +138,7 @@ def writing(
     activations_dir: Path,
     shapes: tuple[tuple[int, ...], tuple[int, ...]],
     dtype: str,
-    world: World,
+    world: Ranks,
 ) -> Iterator[CacheWriter]:
     """Both cache folders, written atomically: in place once every rank is done, untouched on
     failure. `shapes`: per-row shapes of (activations, embeddings)."""
@@ -139,7 +150,7 @@ def writing(
 
 
 @contextmanager
-def shared_atomic_path(final: Path, world: World) -> Iterator[Path]:
+def shared_atomic_path(final: Path, world: Ranks) -> Iterator[Path]:
     """`io.atomic_path` for a folder every rank writes into: rank 0 creates it and, once every
     rank is done, moves it into place (or removes it on failure); the others only write."""
     if not world.is_main:
@@ -156,7 +167,7 @@ def shared_atomic_path(final: Path, world: World) -> Iterator[Path]:
 
 
 def _shared_npy(
-    path: Path, shape: tuple[int, ...], dtype: str, *, world: World, rows: int
+    path: Path, shape: tuple[int, ...], dtype: str, *, world: Ranks, rows: int
 ) -> NpyRows:
     """The file created by rank 0, then opened by every rank."""
     if world.is_main:

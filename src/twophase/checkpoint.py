@@ -14,7 +14,6 @@ from torch import nn
 from twophase.io import atomic_path
 from twophase.model import Preprocessing, build_head, create_model
 from twophase.params import Params, to_dict
-from twophase.train import FitResult
 
 
 def save_checkpoint(
@@ -26,13 +25,13 @@ def save_checkpoint(
     features_meta: dict[str, Any],
     reads: str,
     cut: str | None,
-    result: FitResult,
-    last_epoch: int,
+    summary: dict[str, Any],
 ) -> None:
     """`state` is the whole model's state dict, the head under the classifier's name.
 
     `reads` says what the checkpoint's trained part takes as input when scored on the cache:
     "embeddings" (phase 1: the head alone) or "activations" (phase 2: from block `cut` on).
+    `summary`: the training's best_epoch, best_val_loss, best_val_acc and last_epoch.
     """
     arch = features_meta["arch"]
     checkpoint = {
@@ -52,10 +51,10 @@ def save_checkpoint(
         "image_size": features_meta["image_size"],
         "preprocessing": features_meta["preprocessing"],
         "class_names": features_meta["class_names"],
-        "best_epoch": result.best_epoch,
-        "best_val_loss": result.best_val_loss,
-        "best_val_acc": result.best_val_acc,
-        "last_epoch": last_epoch,
+        "best_epoch": summary["best_epoch"],
+        "best_val_loss": summary["best_val_loss"],
+        "best_val_acc": summary["best_val_acc"],
+        "last_epoch": summary["last_epoch"],
         "params": to_dict(params),
     }
     with atomic_path(path) as tmp:

@@ -119,8 +119,7 @@ def train_transfer(
         features_meta=meta,
         reads="embeddings",
         cut=None,
-        result=result,
-        last_epoch=result.history[-1].epoch,
+        summary=result.best(last_epoch=result.history[-1].epoch),
     )
     return result
 
@@ -233,8 +232,7 @@ def finetune(
         features_meta=features_meta,
         reads=reads,
         cut=cut,
-        result=result,
-        last_epoch=result.history[-1].epoch if result.history else start["last_epoch"],
+        summary=result.best(result.history[-1].epoch if result.history else start["last_epoch"]),
     )
     return result
 

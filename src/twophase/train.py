@@ -73,6 +73,15 @@ class FitResult:
             **({"l2": self.l2} if self.l2 is not None else {}),
         }
 
+    def best(self, last_epoch: int) -> dict[str, float | int]:
+        """What a checkpoint records of its training: the best epoch, unrounded, and the last."""
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_val_loss,
+            "best_val_acc": self.best_val_acc,
+            "last_epoch": last_epoch,
+        }
+
     def history_rows(self) -> list[dict[str, float | int]]:
         return [asdict(stats) for stats in self.history]
 
