@@ -37,6 +37,7 @@ from twophase.batches import array_batches  # noqa: E402
 from twophase.datasets import index_imagefolder  # noqa: E402
 from twophase.model import Preprocessing, build_head, build_model, classifier_in_features  # noqa: E402
 from twophase.network import Tail, set_trainable  # noqa: E402
+from twophase.params import PhaseParams  # noqa: E402
 from twophase.runtime import autocast, autocast_dtype, resolve_device  # noqa: E402
 from twophase.train import fit  # noqa: E402
 
@@ -131,11 +132,11 @@ def main() -> None:
     rows = len(cached_labels)
     fitted = fit(
         tail,
-        array_batches(activations, cached_labels, args.batch, True, nhwc=True),
-        array_batches(activations[:1], cached_labels[:1], args.batch, nhwc=True),
-        lr=1e-5,
-        epochs=2,
-        patience=5,
+        (
+            array_batches(activations, cached_labels, args.batch, True, nhwc=True),
+            array_batches(activations[:1], cached_labels[:1], args.batch, nhwc=True),
+        ),
+        PhaseParams(lr=1e-5, epochs=2, patience=5),
         device=device,
         amp_dtype=amp,
     )

@@ -23,7 +23,7 @@ from twophase.batches import ArrayBatches, BatchOrder
 from twophase.datasets import build_index
 from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.model import Preprocessing
-from twophase.params import ParamsError, parse_params
+from twophase.params import ParamsError, PhaseParams, parse_params
 from twophase.phases import finetune, train_transfer
 from twophase.split import split_index
 from twophase.train import fit
@@ -135,14 +135,10 @@ def test_fit_names_every_epoch_to_the_training_batches() -> None:
     train = Recording(x, y, BatchOrder(32, 8, True))
     fit(
         torch.nn.Linear(4, 2),
-        train,
-        ArrayBatches(x, y, BatchOrder(32, 8, False)),
-        lr=1e-2,
-        epochs=3,
-        patience=5,
+        (train, ArrayBatches(x, y, BatchOrder(32, 8, False))),
+        PhaseParams(lr=1e-2, epochs=3, patience=5),
         device=CPU,
-        first_epoch=10,
-        validate_start=True,
+        start_epoch=9,
     )
     assert train.epochs == [9, 10, 11, 12]
 

@@ -19,8 +19,8 @@ from torch import nn
 from twophase.backbones import Family, block_names, describe
 from twophase.model import build_head, build_model, classifier_in_features
 from twophase.network import Tail, check_tail, discriminative_groups, resolve_cut, set_trainable
-from twophase.optim import Recipe, make_optimizer
-from twophase.params import ParamsError
+from twophase.optim import make_optimizer
+from twophase.params import ParamsError, PhaseParams
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def test_every_trainable_parameter_gets_the_lr_of_its_block(
     tail = Tail(model, family, network.cut(unfreeze))
     set_trainable(model, tail)
     groups, scales = discriminative_groups(tail, block_names(model, family), DECAY)
-    optimizer = make_optimizer(groups, Recipe(lr=1.0), scales)
+    optimizer = make_optimizer(groups, PhaseParams(lr=1.0), scales)
     placed: dict[int, list[float]] = {}
     for group in optimizer.param_groups:
         for param in group["params"]:

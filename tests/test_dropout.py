@@ -9,6 +9,7 @@ from tests.test_train import separable_embeddings
 from twophase.batches import array_batches
 from twophase.dropout import KeyedDropout, KeyedDropPath, keyed, keyed_dropouts
 from twophase.model import build_head, create_model
+from twophase.params import PhaseParams
 from twophase.train import fit
 
 CPU = torch.device("cpu")
@@ -107,11 +108,8 @@ def test_the_heads_dropout_changes_training() -> None:
         x, y = separable_embeddings(64)
         result = fit(
             build_head(8, [32], dropout, 3),
-            array_batches(x, y, 16, True),
-            array_batches(x, y, 64),
-            lr=0.01,
-            epochs=3,
-            patience=5,
+            (array_batches(x, y, 16, True), array_batches(x, y, 64)),
+            PhaseParams(lr=0.01, epochs=3, patience=5),
             device=CPU,
         )
         histories.append([row.train_loss for row in result.history])

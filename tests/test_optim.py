@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from twophase.optim import Optimizer, Recipe, make_optimizer
+from twophase.optim import Optimizer, make_optimizer
+from twophase.params import PhaseParams
 
 
 def two_groups(seed: int) -> tuple[nn.Module, list[list[nn.Parameter]]]:
@@ -30,46 +31,46 @@ def train(net: nn.Module, optimizer: Optimizer | torch.optim.Optimizer, steps: i
         optimizer.step()
 
 
-def torch_optimizer(groups: list[dict], recipe: Recipe) -> torch.optim.Optimizer:
-    if recipe.optimizer == "sgd":
+def torch_optimizer(groups: list[dict], phase: PhaseParams) -> torch.optim.Optimizer:
+    if phase.optimizer == "sgd":
         return torch.optim.SGD(
             groups,
-            lr=recipe.lr,
-            momentum=recipe.momentum,
-            nesterov=recipe.nesterov,
-            weight_decay=recipe.weight_decay,
+            lr=phase.lr,
+            momentum=phase.momentum,
+            nesterov=phase.nesterov,
+            weight_decay=phase.weight_decay,
         )
-    kind = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
-    return kind(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    kind = torch.optim.AdamW if phase.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=phase.lr, weight_decay=phase.weight_decay)
 
 
 @pytest.mark.parametrize(
-    "recipe",
+    "phase",
     [
-        Recipe(lr=0.01),
-        Recipe(lr=0.01, weight_decay=0.05),
-        Recipe(lr=0.01, optimizer="adamw", weight_decay=0.05),
-        Recipe(lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3),
-        Recipe(lr=0.1, optimizer="sgd", momentum=0.0),
+        PhaseParams(lr=0.01),
+        PhaseParams(lr=0.01, weight_decay=0.05),
+        PhaseParams(lr=0.01, optimizer="adamw", weight_decay=0.05),
+        PhaseParams(lr=0.1, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3),
+        PhaseParams(lr=0.1, optimizer="sgd", momentum=0.0),
     ],
     ids=["adam", "adam-l2", "adamw", "sgd-nesterov", "sgd-plain"],
 )
-def test_every_update_equals_torch_optim_bit_for_bit(recipe: Recipe) -> None:
+def test_every_update_equals_torch_optim_bit_for_bit(phase: PhaseParams) -> None:
     ours, our_groups = two_groups(seed=0)
     theirs, their_groups = two_groups(seed=0)
     scales = [0.1, 1.0]
-    train(ours, make_optimizer(our_groups, recipe, scales))
+    train(ours, make_optimizer(our_groups, phase, scales))
     reference = torch_optimizer(
         [
-            {"params": members, "lr": recipe.lr * s, "weight_decay": decay}
+            {"params": members, "lr": phase.lr * s, "weight_decay": decay}
             for g, s in zip(their_groups, scales, strict=True)
             for members, decay in (
-                ([p for p in g if p.ndim > 1], recipe.weight_decay),
+                ([p for p in g if p.ndim > 1], phase.weight_decay),
                 ([p for p in g if p.ndim <= 1], 0.0),  # biases: no decay
             )
             if members
         ],
-        recipe,
+        phase,
     )
     train(theirs, reference)
     for (name, mine), (_, expected) in zip(
@@ -87,7 +88,7 @@ def test_weight_decay_spares_norm_scales_and_biases(kind: str) -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LayerNorm(4 * 36))
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
     optimizer = make_optimizer(
-        [list(net.parameters())], Recipe(lr=0.1, optimizer=kind, weight_decay=0.5)
+        [list(net.parameters())], PhaseParams(lr=0.1, optimizer=kind, weight_decay=0.5)
     )
     for _ in range(3):
         optimizer.zero_grad(set_to_none=False)
@@ -100,11 +101,11 @@ def test_weight_decay_spares_norm_scales_and_biases(kind: str) -> None:
 
 
 def test_a_gradient_scaler_steps_it_like_torch_optim() -> None:
-    recipe = Recipe(lr=0.01)
+    phase = PhaseParams(lr=0.01)
     updated = []
     for make in (
-        lambda groups: make_optimizer(groups, recipe),
-        lambda groups: torch.optim.Adam([{"params": g} for g in groups], lr=recipe.lr),
+        lambda groups: make_optimizer(groups, phase),
+        lambda groups: torch.optim.Adam([{"params": g} for g in groups], lr=phase.lr),
     ):
         net, groups = two_groups(seed=0)
         optimizer = make(groups)
@@ -122,10 +123,10 @@ def test_a_gradient_scaler_steps_it_like_torch_optim() -> None:
 def test_training_a_head_does_not_import_torch_dynamo() -> None:
     code = (
         "import sys, torch\n"
-        "from twophase.optim import Recipe, make_optimizer\n"
+        "from twophase.optim import make_optimizer\nfrom twophase.params import PhaseParams\n"
         "from test_optim import train, two_groups\n"
         "net, groups = two_groups(0)\n"
-        "train(net, make_optimizer(groups, Recipe(lr=0.01)))\n"
+        "train(net, make_optimizer(groups, PhaseParams(lr=0.01)))\n"
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/", 1)[0])

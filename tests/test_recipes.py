@@ -12,7 +12,8 @@ from tests.test_train import separable_embeddings, tiny_network
 from twophase.batches import array_batches
 from twophase.model import build_head
 from twophase.network import discriminative_groups
-from twophase.optim import Recipe, lr_factor
+from twophase.optim import lr_factor
+from twophase.params import PhaseParams
 from twophase.train import fit, fit_linear_probe, run_epoch
 
 CPU = torch.device("cpu")
@@ -48,13 +49,11 @@ def test_onecycle_reaches_its_annealed_end_in_the_last_epoch(epochs: int, warmup
     x, y = separable_embeddings(32)
     result = fit(
         build_head(8, [], 0.0, 3),
-        array_batches(x, y, 32, True),
-        array_batches(x, y, 32),
-        lr=0.01,
-        epochs=epochs,
-        patience=epochs,
+        (array_batches(x, y, 32, True), array_batches(x, y, 32)),
+        PhaseParams(
+            lr=0.01, schedule="onecycle", warmup_epochs=warmup, epochs=epochs, patience=epochs
+        ),
         device=CPU,
-        recipe=Recipe(lr=0.01, schedule="onecycle", warmup_epochs=warmup),
     )
     lrs = [row.lr for row in result.history]
     assert len(lrs) == epochs
@@ -76,13 +75,11 @@ def test_the_history_records_each_epochs_lr() -> None:
     x, y = separable_embeddings(64)
     result = fit(
         build_head(8, [16], 0.0, 3),
-        array_batches(x, y, 16, True),
-        array_batches(x, y, 64),
-        lr=0.01,
-        epochs=4,
-        patience=10,
+        (array_batches(x, y, 16, True), array_batches(x, y, 64)),
+        PhaseParams(
+            lr=0.01, optimizer="adamw", weight_decay=0.01, schedule="cosine", epochs=4, patience=10
+        ),
         device=CPU,
-        recipe=Recipe(lr=0.01, optimizer="adamw", weight_decay=0.01, schedule="cosine"),
     )
     assert [round(row.lr, 6) for row in result.history] == [0.01, 0.008536, 0.005, 0.001464]
 
@@ -93,16 +90,14 @@ def test_each_optimizer_trains(optimizer: str) -> None:
     x, y = separable_embeddings(96)
     head = build_head(8, [16], 0.0, 3)
     before, _ = run_epoch(head, array_batches(x, y, 96), CPU)
-    recipe = Recipe(lr=0.05, optimizer=optimizer, nesterov=optimizer == "sgd", weight_decay=1e-4)
+    phase = PhaseParams(
+        lr=0.05, optimizer=optimizer, nesterov=optimizer == "sgd", weight_decay=1e-4, epochs=5
+    )
     result = fit(
         head,
-        array_batches(x, y, 16, True),
-        array_batches(x, y, 96),
-        lr=0.05,
-        epochs=5,
-        patience=5,
+        (array_batches(x, y, 16, True), array_batches(x, y, 96)),
+        phase,
         device=CPU,
-        recipe=recipe,
         desc=optimizer,
     )
     assert result.best_val_loss < before
@@ -116,13 +111,9 @@ def test_label_smoothing_changes_the_training_loss_not_the_validation_loss() -> 
         head = build_head(8, [16], 0.0, 3)
         runs[smoothing] = fit(
             head,
-            array_batches(x, y, 64),
-            array_batches(x, y, 64),
-            lr=1e-9,
-            epochs=1,
-            patience=1,
+            (array_batches(x, y, 64), array_batches(x, y, 64)),
+            PhaseParams(lr=1e-9, label_smoothing=smoothing, epochs=1, patience=1),
             device=CPU,
-            recipe=Recipe(lr=1e-9, label_smoothing=smoothing),
         )
     plain, smooth = runs[0.0].history[0], runs[0.2].history[0]
     assert smooth.train_loss != pytest.approx(plain.train_loss, abs=1e-4)
@@ -161,11 +152,8 @@ def test_linear_probe_beats_or_matches_adam_on_the_same_embeddings() -> None:
     torch.manual_seed(0)
     adam = fit(
         build_head(16, [], 0.0, 3),
-        array_batches(x, y, 32, True),
-        array_batches(vx, vy, 60),
-        lr=1e-3,
-        epochs=30,
-        patience=30,
+        (array_batches(x, y, 32, True), array_batches(vx, vy, 60)),
+        PhaseParams(lr=1e-3, epochs=30, patience=30),
         device=CPU,
     )
     probe = fit_linear_probe(build_head(16, [], 0.0, 3), (x, y), (vx, vy), CPU)

@@ -16,7 +16,8 @@ from twophase.batches import ArrayBatches, BatchOrder, array_batches
 from twophase.features import extract
 from twophase.images import ImageBatches, ImageDataset
 from twophase.model import Preprocessing, build_head, build_model, classifier_in_features
-from twophase.network import FrozenTrunk, Tail, set_trainable
+from twophase.network import FrozenTrunk, Streamed, Tail, set_trainable
+from twophase.params import PhaseParams
 from twophase.train import NonFiniteLossError, fit, run_epoch
 
 CPU = torch.device("cpu")
@@ -43,11 +44,8 @@ def test_every_linear_of_the_head_trains() -> None:
     x, y = separable_embeddings(64)
     fit(
         head,
-        array_batches(x, y, 16, True),
-        array_batches(x, y, 64),
-        lr=1e-2,
-        epochs=2,
-        patience=5,
+        (array_batches(x, y, 16, True), array_batches(x, y, 64)),
+        PhaseParams(lr=1e-2, epochs=2, patience=5),
         device=CPU,
     )
     linears = [name for name, m in head.named_modules() if isinstance(m, nn.Linear)]
@@ -81,22 +79,6 @@ def tiny_network(
     return tail
 
 
-class Streamed(nn.Module):
-    """The whole model on images, its frozen part in eval mode: what the cache replaces."""
-
-    def __init__(self, tail: Tail) -> None:
-        super().__init__()
-        self.tail = tail
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tail.model(images)  # type: ignore[no-any-return]
-
-    def train(self, mode: bool = True) -> Streamed:
-        self.tail.train(mode)
-        self.training = mode
-        return self
-
-
 FROZEN = ("conv1", "bn1", "layer1", "layer2", "layer3")
 
 
@@ -108,7 +90,7 @@ def test_frozen_part_gets_no_gradient_and_its_batchnorm_stays_in_eval_mode(tiny_
     layer4_before = copy.deepcopy(model.layer4.state_dict())
     data = ImageDataset(paths, labels, 32, Preprocessing())
     batches = ImageBatches(data, BatchOrder(len(data), 6, shuffle=True))
-    fit(Streamed(tail), batches, batches, lr=1e-2, epochs=2, patience=5, device=CPU)
+    fit(Streamed(tail), (batches, batches), PhaseParams(lr=1e-2, epochs=2, patience=5), device=CPU)
 
     tail.train()
     for name in FROZEN:
@@ -133,7 +115,10 @@ def test_early_stopping_restores_the_best_epoch_weights(patience: int) -> None:
     vx, vy = noise_embeddings(96, seed=2)
     val = array_batches(vx, vy, 32)
     result = fit(
-        model, array_batches(x, y, 16, True), val, lr=3e-2, epochs=12, patience=patience, device=CPU
+        model,
+        (array_batches(x, y, 16, True), val),
+        PhaseParams(lr=3e-2, epochs=12, patience=patience),
+        device=CPU,
     )
     last = result.history[-1]
     assert result.best_epoch < last.epoch, "the test needs a best epoch before the last one"
@@ -151,11 +136,8 @@ def test_a_nan_loss_stops_training_naming_epoch_and_lr() -> None:
     with pytest.raises(NonFiniteLossError, match=r"epoch 1 with lr=0.1"):
         fit(
             model,
-            array_batches(x, y, 64),
-            array_batches(x, y, 64),
-            lr=0.1,
-            epochs=3,
-            patience=3,
+            (array_batches(x, y, 64), array_batches(x, y, 64)),
+            PhaseParams(lr=0.1, epochs=3, patience=3),
             device=CPU,
         )
 
@@ -169,11 +151,8 @@ def test_a_huge_learning_rate_stops_with_a_clear_error() -> None:
     ):
         fit(
             model,
-            array_batches(x, y, 8, True),
-            array_batches(x, y, 64),
-            lr=1e30,
-            epochs=20,
-            patience=20,
+            (array_batches(x, y, 8, True), array_batches(x, y, 64)),
+            PhaseParams(lr=1e30, epochs=20, patience=20),
             device=CPU,
         )
 
@@ -185,11 +164,8 @@ def test_same_seed_gives_identical_training() -> None:
         x, y = separable_embeddings(64)
         result = fit(
             model,
-            array_batches(x, y, 16, True, seed=7),
-            array_batches(x, y, 64),
-            lr=1e-2,
-            epochs=3,
-            patience=3,
+            (array_batches(x, y, 16, True, seed=7), array_batches(x, y, 64)),
+            PhaseParams(lr=1e-2, epochs=3, patience=3),
             device=CPU,
         )
         return result.history_rows()
@@ -198,7 +174,8 @@ def test_same_seed_gives_identical_training() -> None:
 
 
 def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images, tmp_path) -> None:
-    """Phase 2 on cached layer3 outputs == running the frozen trunk inside the loop."""
+    """Phase 2 on cached layer3 outputs == the production `Streamed` running the frozen trunk
+    inside the loop (finetune.input: images)."""
     paths, labels = tiny_images
     streamed_net = tiny_network(dropout=0.3)
     cached_net = copy.deepcopy(streamed_net)
@@ -223,21 +200,23 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
     torch.manual_seed(3)
     streamed = fit(
         Streamed(streamed_net),
-        ImageBatches(data, BatchOrder(len(data), 6, True, seed=3)),
-        ImageBatches(data, BatchOrder(len(data), 6, False)),
-        lr=1e-3,
-        epochs=2,
-        patience=5,
+        (
+            ImageBatches(data, BatchOrder(len(data), 6, True, seed=3)),
+            ImageBatches(data, BatchOrder(len(data), 6, False)),
+        ),
+        PhaseParams(lr=1e-3, epochs=2, patience=5),
         device=CPU,
     )
     torch.manual_seed(3)
     cached = fit(
         cached_net,
-        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, True, seed=3), nhwc=True),
-        ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, False), nhwc=True),
-        lr=1e-3,
-        epochs=2,
-        patience=5,
+        (
+            ArrayBatches(
+                activations, labels_array, BatchOrder(len(data), 6, True, seed=3), nhwc=True
+            ),
+            ArrayBatches(activations, labels_array, BatchOrder(len(data), 6, False), nhwc=True),
+        ),
+        PhaseParams(lr=1e-3, epochs=2, patience=5),
         device=CPU,
     )
     for s, c in zip(streamed.history, cached.history, strict=True):

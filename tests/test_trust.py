@@ -16,13 +16,13 @@ from torch import nn
 from tests.helpers import PROJECT, write_image
 from tests.test_datasets import fake_pet
 from tests.test_train import tiny_network
-from twophase import cache, features
+from twophase import cache
 from twophase.batches import array_batches
 from twophase.cache import FeatureCacheError, check_free_space
 from twophase.datasets import DatasetError, build_index
 from twophase.io import write_json
 from twophase.model import WeightsError, build_model
-from twophase.params import ParamsError, parse_params
+from twophase.params import ParamsError, PhaseParams, parse_params
 from twophase.stage import run_stage
 from twophase.train import fit
 
@@ -173,14 +173,10 @@ def test_phase_two_that_only_gets_worse_hands_back_its_starting_weights() -> Non
     start = {k: v.clone() for k, v in model.state_dict().items()}
     result = fit(
         model,
-        array_batches(inputs, labels, 8, True),
-        array_batches(inputs, labels, 8),
-        lr=50.0,  # every step overshoots: no epoch beats the start
-        epochs=3,
-        patience=5,
+        (array_batches(inputs, labels, 8, True), array_batches(inputs, labels, 8)),
+        PhaseParams(lr=50.0, epochs=3, patience=5),  # every step overshoots the start
         device=CPU,
-        first_epoch=11,
-        validate_start=True,
+        start_epoch=10,
     )
     assert result.start_epoch == 10 and result.history[0].epoch == 10
     assert result.kept_starting_weights
@@ -247,7 +243,7 @@ def test_the_disk_check_counts_the_cache_in_bytes(
     written = run(tmp_path / "first")  # no backbone.pt here: the arrays are all it writes
     usage = type("usage", (), {"free": 2 * written})  # room for them and DVC's copy, exactly
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: usage)
-    monkeypatch.setattr(features, "dvc_copies", lambda: 2)
+    monkeypatch.setattr(cache, "dvc_copies", lambda: 2)
     assert run(tmp_path / "second") == written
     usage.free = written  # room for the cache, none for DVC's copy of it
     with pytest.raises(FeatureCacheError, match="the feature cache and DVC's copy of it need"):

@@ -6,7 +6,6 @@ The schedule is per epoch, so the LR of each epoch is one number in the history 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,33 +19,6 @@ ONECYCLE_START, ONECYCLE_END = 1 / 25, 1 / 1e4  # as torch's OneCycleLR (div_fac
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """How one phase optimises: everything but the parameters themselves."""
-
-    lr: float
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-
-
-def recipe_of(phase: PhaseParams) -> Recipe:
-    return Recipe(
-        lr=phase.lr,
-        optimizer=phase.optimizer,
-        momentum=phase.momentum,
-        nesterov=phase.nesterov,
-        weight_decay=phase.weight_decay,
-        schedule=phase.schedule,
-        warmup_epochs=phase.warmup_epochs,
-        label_smoothing=phase.label_smoothing,
-    )
-
-
 class Optimizer:
     """Adam, AdamW or SGD over parameter groups, stepping with the functional kernels that
     torch.optim's own classes call (`torch.optim.adam.adam`, `torch.optim.sgd.sgd`), with the
@@ -58,10 +30,10 @@ class Optimizer:
     read by `set_epoch_lr` and by `torch.amp.GradScaler`), `zero_grad` and `step`.
     """
 
-    def __init__(self, param_groups: list[dict[str, Any]], recipe: Recipe) -> None:
-        if recipe.optimizer not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
-        self.recipe = recipe
+    def __init__(self, param_groups: list[dict[str, Any]], phase: PhaseParams) -> None:
+        if phase.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {phase.optimizer!r}")
+        self.phase = phase
         self.param_groups = param_groups
         self.state: dict[torch.Tensor, dict[str, Any]] = {}
 
@@ -82,7 +54,7 @@ class Optimizer:
                 if param.grad is not None:
                     params.append(param)
                     grads.append(param.grad)
-            if self.recipe.optimizer == "sgd":
+            if self.phase.optimizer == "sgd":
                 self._sgd_step(params, grads, group["lr"], group["weight_decay"])
             else:
                 self._adam_step(params, grads, group["lr"], group["weight_decay"])
@@ -105,7 +77,7 @@ class Optimizer:
             [s["exp_avg_sq"] for s in states],
             [],
             [s["step"] for s in states],
-            decoupled_weight_decay=self.recipe.optimizer == "adamw",
+            decoupled_weight_decay=self.phase.optimizer == "adamw",
             amsgrad=False,
             beta1=ADAM_BETAS[0],
             beta2=ADAM_BETAS[1],
@@ -118,7 +90,7 @@ class Optimizer:
     def _sgd_step(
         self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, decay: float
     ) -> None:
-        momentum = self.recipe.momentum
+        momentum = self.phase.momentum
         buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
         sgd(
             params,
@@ -128,7 +100,7 @@ class Optimizer:
             momentum=momentum,
             lr=lr,
             dampening=0.0,
-            nesterov=self.recipe.nesterov,
+            nesterov=self.phase.nesterov,
             maximize=False,
         )
         if momentum != 0:
@@ -165,11 +137,11 @@ def decay_exempt(model: nn.Module) -> set[int]:
 
 def make_optimizer(
     groups: list[list[nn.Parameter]],
-    recipe: Recipe,
+    phase: PhaseParams,
     lr_scales: list[float] | None = None,
     exempt: set[int] | None = None,
 ) -> Optimizer:
-    """One parameter group per list, each at `recipe.lr` times its scale (discriminative LRs).
+    """One parameter group per list, each at `phase.lr` times its scale (discriminative LRs).
 
     Weight decay spares the parameters of `exempt` (default: the one-dimensional ones; see
     `decay_exempt`), as timm does: biases, norms' scales and shifts, embeddings and layer
@@ -180,17 +152,17 @@ def make_optimizer(
         spared = {id(p) for p in params if p.ndim <= 1} if exempt is None else exempt
         decayed = [p for p in params if id(p) not in spared]
         plain = [p for p in params if id(p) in spared]
-        for members, decay in ((decayed, recipe.weight_decay), (plain, 0.0)):
+        for members, decay in ((decayed, phase.weight_decay), (plain, 0.0)):
             if members:
                 param_groups.append(
                     {
                         "params": members,
-                        "lr": recipe.lr * scale,
+                        "lr": phase.lr * scale,
                         "scale": scale,
                         "weight_decay": decay,
                     }
                 )
-    return Optimizer(param_groups, recipe)
+    return Optimizer(param_groups, phase)
 
 
 def lr_factor(epoch: int, epochs: int, schedule: str, warmup_epochs: int = 0) -> float:
@@ -215,9 +187,9 @@ def lr_factor(epoch: int, epochs: int, schedule: str, warmup_epochs: int = 0) ->
     return 1.0
 
 
-def set_epoch_lr(optimizer: Optimizer, recipe: Recipe, epoch: int, epochs: int) -> float:
+def set_epoch_lr(optimizer: Optimizer, phase: PhaseParams, epoch: int, epochs: int) -> float:
     """Set every group's LR for `epoch`; return the base LR (the head's) of that epoch."""
-    factor = lr_factor(epoch, epochs, recipe.schedule, recipe.warmup_epochs)
+    factor = lr_factor(epoch, epochs, phase.schedule, phase.warmup_epochs)
     for group in optimizer.param_groups:
-        group["lr"] = recipe.lr * group["scale"] * factor
-    return recipe.lr * factor
+        group["lr"] = phase.lr * group["scale"] * factor
+    return phase.lr * factor

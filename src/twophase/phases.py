@@ -34,7 +34,6 @@ from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.io import atomic_path
 from twophase.model import build_head
 from twophase.network import Streamed, Tail, discriminative_groups, resolve_cut, set_trainable
-from twophase.optim import recipe_of
 from twophase.params import FinetuneParams, Params, ParamsError
 from twophase.runtime import autocast_dtype, seed_everything
 from twophase.train import EpochStats, FitResult, fit, fit_linear_probe
@@ -93,17 +92,16 @@ def train_transfer(
         sharded = partial(batches, rank=world.rank, ranks=world.size)
         result = fit(
             head,
-            sharded(*train, phase.batch_size, True, params.seed, views=train_views),
-            sharded(*val, phase.batch_size, False, params.seed),
-            lr=phase.lr,
-            epochs=phase.epochs,
-            patience=phase.patience,
+            (
+                sharded(*train, phase.batch_size, True, params.seed, views=train_views),
+                sharded(*val, phase.batch_size, False, params.seed),
+            ),
+            phase,
+            world=world,
             device=device,
             amp_dtype=autocast_dtype(device, params.precision),
-            desc="train_transfer",
-            recipe=recipe_of(phase),
-            world=world,
             seed=params.seed,
+            desc="train_transfer",
         )
         if world.is_main:
             write_history(result.history, history_path)
@@ -176,7 +174,6 @@ def finetune(
         if world.distributed and phase.batchnorm == "train":  # global batch statistics
             trained = [m for t in tail.trainable_modules() for m in t.modules()]
             global_batchnorm(model, {id(m) for m in trained if isinstance(m, _BatchNorm)})
-        groups, scales = discriminative_groups(tail, blocks, phase.lr_decay)
         nhwc = meta["layout"] == "nchw"
         val = cache.load_activations(activations_dir, "val")
         model_in_training: nn.Module = tail
@@ -198,22 +195,16 @@ def finetune(
         try:
             result = fit(
                 model_in_training,
-                train_batches,
-                sharded(*val, phase.batch_size, False, params.seed, nhwc=nhwc),
-                lr=phase.lr,
-                epochs=phase.epochs,
-                patience=phase.patience,
+                (train_batches, sharded(*val, phase.batch_size, False, params.seed, nhwc=nhwc)),
+                phase,
+                discriminative_groups(tail, blocks, phase.lr_decay),
+                world,
                 device=device,
                 amp_dtype=autocast_dtype(device, params.precision),
-                first_epoch=start["last_epoch"] + 1,
-                validate_start=True,
-                desc="finetune",
-                recipe=recipe_of(phase),
-                param_groups=groups,
-                lr_scales=scales,
-                val_model=tail,
-                world=world,
                 seed=params.seed,
+                start_epoch=start["last_epoch"],
+                val_model=tail,
+                desc="finetune",
             )
         except ValueError as err:
             raise last_batch_error(phase, rows, err) from None

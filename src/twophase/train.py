@@ -1,7 +1,9 @@
-"""The one training loop: Adam on the trainable parameters, early stopping on val loss.
+"""The one training loop: the phase's optimizer and LR schedule on the trainable parameters,
+early stopping on validation loss, the best epoch's weights kept.
 
 Both phases call `fit`; they differ only in the model handed in (head alone, or the unfrozen blocks
-plus head) and in the batches (cached embeddings, cached activations, or streamed images).
+plus head), in the batches (cached embeddings, cached activations, or streamed images) and in
+their `PhaseParams`. One process or N (DDP) run the same lines.
 Training batches with a `set_epoch(epoch)` method (as torch's DistributedSampler has) are told
 each epoch's number before it runs: augmented views are drawn per epoch from it.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,8 +23,9 @@ from twophase.batches import Batches, slice_start
 from twophase.distributed import SINGLE, World
 from twophase.dropout import keyed, keyed_dropouts
 from twophase.errors import TwophaseError
-from twophase.network import trainable_parameters
-from twophase.optim import Optimizer, Recipe, decay_exempt, make_optimizer, set_epoch_lr
+from twophase.network import ParamGroups, trainable_parameters
+from twophase.optim import Optimizer, decay_exempt, make_optimizer, set_epoch_lr
+from twophase.params import PhaseParams
 from twophase.runtime import autocast, to_device
 
 
@@ -108,22 +110,16 @@ def run_epoch(
         for step, (inputs, labels) in enumerate(batches):
             inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
-            batch_size = int(world.sum(len(labels))[0]) if training else len(labels)
-            offset = slice_start(batch_size, world.rank, world.size)
+            rows = int(world.sum(len(labels))[0])  # the global batch: every rank's slice of it
+            offset = slice_start(rows, world.rank, world.size)
             with autocast(device, amp_dtype), keyed(seed, epoch, step, offset):
                 logits = model(inputs)
-            if world.distributed:
-                rank_sum = nn.functional.cross_entropy(
-                    logits.float(), labels, label_smoothing=smoothing, reduction="sum"
-                )
-                # DDP averages gradients over ranks: scaled so that they are the global batch's
-                loss = rank_sum * (world.size / batch_size) if training else rank_sum
-                loss_sum += rank_sum.item()
-            else:
-                loss = nn.functional.cross_entropy(
-                    logits.float(), labels, label_smoothing=smoothing
-                )
-                loss_sum += loss.item() * len(labels)
+            # The global batch's mean loss, over a rank's share of it: DDP averages the ranks'
+            # gradients, so one process and N processes take the same step.
+            per_row = nn.functional.cross_entropy(
+                logits.float(), labels, label_smoothing=smoothing, reduction="sum"
+            )
+            loss = per_row / (rows / world.size)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -133,11 +129,11 @@ def run_epoch(
                 else:
                     loss.backward()  # type: ignore[no-untyped-call]
                     optimizer.step()
+            loss_sum += loss.item() * rows / world.size
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += len(labels)
-    if world.distributed:
-        loss_sum, total_correct, total_seen = world.sum(loss_sum, correct, seen)
-        correct, seen = int(total_correct), int(total_seen)
+    loss_sum, total_correct, total_seen = world.sum(loss_sum, correct, seen)
+    correct, seen = int(total_correct), int(total_seen)
     if seen == 0:
         raise ValueError("no batches to run: the split is empty")
     return loss_sum / seen, correct / seen
@@ -145,42 +141,33 @@ def run_epoch(
 
 def fit(
     model: nn.Module,
-    train_batches: Batches,
-    val_batches: Batches,
+    batches: tuple[Batches, Batches],
+    phase: PhaseParams,
+    groups: ParamGroups | None = None,
+    world: World = SINGLE,
     *,
-    lr: float,
-    epochs: int,
-    patience: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    first_epoch: int = 1,
-    validate_start: bool = False,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-    desc: str = "train",
-    recipe: Recipe | None = None,
-    param_groups: list[list[nn.Parameter]] | None = None,
-    lr_scales: list[float] | None = None,
-    val_model: nn.Module | None = None,
-    world: World = SINGLE,
     seed: int = 0,
+    start_epoch: int | None = None,
+    val_model: nn.Module | None = None,
+    desc: str = "train",
 ) -> FitResult:
-    """Train until `epochs` or `patience` epochs without a better val loss; keep the best weights.
+    """Train on `batches` (training, validation) as `phase` says: its optimizer, LR schedule and
+    label smoothing, for `phase.epochs` or until `phase.patience` epochs bring no better val
+    loss. On return the model holds the weights of the best epoch (a copy taken then).
 
-    On return the model holds the weights of the best epoch (a deep copy taken then), whether or
-    not training stopped early. With `validate_start`, the starting weights are scored first (as
-    epoch `first_epoch - 1`, both losses in eval mode) and are a candidate like any epoch: if no
-    epoch beats them, the model is handed back unchanged.
-
-    `recipe` chooses the optimizer and the per-epoch LR schedule (default: Adam at `lr`);
-    `param_groups` with `lr_scales` give groups their own LR (phase 2's discriminative LRs).
-    `val_model` scores the validation batches when they need another module than `model` (it
-    shares `model`'s weights: streamed images train, cached activations validate).
-    Under DDP (`world` of several ranks) each rank passes its slice of every batch; the
-    statistics, hence early stopping, are the same on every rank; only rank 0 reports. The
-    dropout layers are made keyed (dropout.py): their masks are functions of (`seed`, epoch,
+    `groups`: parameter lists with their LR scales (phase 2's discriminative LRs); default, every
+    trainable parameter at `phase.lr`. With `start_epoch`, the starting weights are scored first
+    as that epoch (both losses in eval mode) and are a candidate like any epoch; training epochs
+    are numbered on from it. `val_model` scores the validation batches when they need another
+    module than `model`, sharing its weights (streamed images train, cached activations
+    validate). Under DDP (`world` of several ranks) each rank passes its slice of every batch;
+    the statistics, hence early stopping, are the same on every rank; only rank 0 reports.
+    Dropout layers are made keyed (dropout.py): their masks are functions of (`seed`, epoch,
     step, global row), so one process and N processes train the same network.
     """
-    recipe = recipe or Recipe(lr=lr)
+    train_batches, val_batches = batches
     val_model = val_model or model
     keyed_dropouts(model)
     set_epoch = getattr(train_batches, "set_epoch", lambda epoch: None)
@@ -189,9 +176,8 @@ def fit(
     if world.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = make_optimizer(
-        param_groups or [trainable_parameters(model)], recipe, lr_scales, decay_exempt(model)
-    )
+    params, scales = groups or ([trainable_parameters(model)], None)
+    optimizer = make_optimizer(params, phase, scales, decay_exempt(model))
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     result = FitResult()
@@ -199,18 +185,16 @@ def fit(
     start = time.perf_counter()
 
     def record(stats: EpochStats) -> bool:
-        """Log one epoch; keep a deep copy of the weights if it is the best so far."""
+        """Log one epoch; keep a copy of the weights if it is the best so far."""
         nonlocal best_state
         for name, value in (("training", stats.train_loss), ("validation", stats.val_loss)):
             if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"{desc}: {name} loss became {value} in epoch {stats.epoch} with lr={lr:g}; "
-                    "lower the learning rate"
+                    f"{desc}: {name} loss became {value} in epoch {stats.epoch} with "
+                    f"lr={phase.lr:g}; lower the learning rate"
                 )
         result.history.append(stats)
         if world.is_main:
-            if on_epoch is not None:
-                on_epoch(stats)
             tqdm.write(
                 f"{desc} epoch {stats.epoch}: train loss {stats.train_loss:.4f} acc "
                 f"{stats.train_acc:.4f} | val loss {stats.val_loss:.4f} acc {stats.val_acc:.4f}"
@@ -222,35 +206,36 @@ def fit(
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return True
 
-    if validate_start:
-        result.start_epoch = first_epoch - 1
-        set_epoch(result.start_epoch)
+    first_epoch = 1
+    if start_epoch is not None:
+        result.start_epoch, first_epoch = start_epoch, start_epoch + 1
+        set_epoch(start_epoch)
         train_scores = run_epoch(trained, train_batches, device, amp_dtype, world=world)
         val_scores = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
-        record(EpochStats(result.start_epoch, *train_scores, *val_scores))
-    epoch_range = range(first_epoch, first_epoch + epochs)
+        record(EpochStats(start_epoch, *train_scores, *val_scores))
     # disable=None: no bar when stderr is no terminal (a log, DVC's pipe), as DVC does
+    epochs = range(first_epoch, first_epoch + phase.epochs)
     bar = tqdm(
-        epoch_range, desc=desc, unit="epoch", leave=False, disable=None if world.is_main else True
+        epochs, desc=desc, unit="epoch", leave=False, disable=None if world.is_main else True
     )
     for epoch in bar:
-        epoch_lr = set_epoch_lr(optimizer, recipe, epoch - first_epoch, epochs)
+        lr = set_epoch_lr(optimizer, phase, epoch - first_epoch, phase.epochs)
         set_epoch(epoch)
-        train_scores = run_epoch(
+        train_loss, train_acc = run_epoch(
             trained,
             train_batches,
             device,
             amp_dtype,
             optimizer,
             scaler,
-            recipe.label_smoothing,
+            phase.label_smoothing,
             world,
             seed,
             epoch,
         )
-        val_scores = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
-        improved = record(EpochStats(epoch, *train_scores, *val_scores, epoch_lr))
-        if not improved and epoch - result.best_epoch >= patience:
+        val_loss, val_acc = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
+        improved = record(EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr))
+        if not improved and epoch - result.best_epoch >= phase.patience:
             result.stopped_early = True
             break
     bar.close()
