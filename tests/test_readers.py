@@ -138,3 +138,17 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     grown_mib = float(done.stdout.strip().splitlines()[-1])
     assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB while writing 256 MiB"
     assert np.load(tmp_path / "big.npy", mmap_mode="r")[-1, -1, -1] == 1.0
+
+
+def test_a_training_cache_larger_than_memory_is_warned_about(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from twophase.phases import available_memory, warn_if_larger_than_memory
+
+    available = available_memory()
+    assert available is None or available > 0
+    warn_if_larger_than_memory(2**62)
+    warned = "is larger than the free memory" in capsys.readouterr().out
+    assert warned is (available is not None)
+    warn_if_larger_than_memory(0)
+    assert capsys.readouterr().out == ""

@@ -178,13 +178,13 @@ FAMILIES = (
 
 
 class ArchError(ValueError):
-    """model.arch names no supported model (subclassed by the params error type in model.py)."""
+    """model.arch names no supported model (model.check_arch reports it as a params error)."""
 
 
 @cache
 def supported_archs() -> tuple[str, ...]:
     """torchvision's classification models of the supported families, by name."""
-    import torchvision  # 1.3 s (it imports torch._dynamo): phase 1 never needs it
+    import torchvision  # imported only here: it imports torch._dynamo, phase 1 never needs it
 
     names = torchvision.models.list_models(module=torchvision.models)
     return tuple(name for name in names if any(f.matches(name) for f in FAMILIES))

@@ -77,7 +77,7 @@ def slice_start(batch_size: int, rank: int, ranks: int) -> int:
 
 
 def as_float_tensor(array: np.ndarray) -> torch.Tensor:
-    """A cached batch as float32: float16 widened, uint16 read as bfloat16 bits (features.py)."""
+    """A cached batch as float32: float16 widened, uint16 read as bfloat16 bits (cache.py)."""
     tensor = torch.from_numpy(array)
     if array.dtype == np.uint16:
         tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
@@ -219,7 +219,7 @@ class BatchReader(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if isinstance(array, torch.Tensor):
                 return array.to(device)
             array = np.array(array)  # read whole, once
-            if array.dtype == np.uint16:  # bfloat16 bits (features.py)
+            if array.dtype == np.uint16:  # bfloat16 bits (cache.py)
                 return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(device)
             return torch.from_numpy(array).to(device)
 

@@ -75,9 +75,9 @@ def build_network(checkpoint: dict[str, Any]) -> nn.Module:
 def network_of(checkpoint: dict[str, Any], initialise: bool = False) -> nn.Module:
     """The checkpoint's network with its trained weights.
 
-    Built on the meta device and then handed the checkpoint's tensors: initialising weights that
-    are about to be replaced takes 0.2 s for a ResNet18 on a 2-core CPU, more than scoring the
-    digits test split. Built the ordinary way where that cannot work: a constructor that computes
+    Built on the meta device and then handed the checkpoint's tensors, so that no weight is
+    initialised only to be replaced (bench/RESULTS.md, start-up costs). Built the ordinary way
+    where that cannot work: a constructor that computes
     with tensor values (RegNet's widths), a buffer the checkpoint lacks (`persistent=False`), and
     with `initialise`, for training that continues from the checkpoint: initialising draws from
     the global RNG, so phase 2's dropout masks and batch order start where they always did.

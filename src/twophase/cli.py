@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    # torch, torchvision, pandas: seconds that `twophase params` and `--help` need not wait
+    # torch, torchvision, pandas: imported here, so `twophase params` and `--help` never wait
     from twophase.io import write_csv
     from twophase.predict import collect_images, predict_images, read_checkpoint
 

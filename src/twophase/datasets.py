@@ -209,7 +209,7 @@ def _opens(source: TorchvisionSource, root: Path) -> bool:
 
 
 def _open_splits(source: TorchvisionSource, root: Path, download: bool) -> list[tuple[Any, str]]:
-    import torchvision.datasets  # 1.3 s: imagefolder and digits never need it
+    import torchvision.datasets  # imported only here: imagefolder and digits never need it
 
     cls = getattr(torchvision.datasets, source.class_name)
     splits = [(name, "train") for name in source.train_splits] + [(source.test_split, "test")]
@@ -289,7 +289,7 @@ def export_digits(folder: Path) -> Path:
     the experiment's seed so that every experiment is scored on the same images.
     """
     from PIL import Image
-    from sklearn.datasets import load_digits  # scikit-learn, ~1 s: for digits only
+    from sklearn.datasets import load_digits  # scikit-learn: imported for digits only
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
@@ -477,7 +477,7 @@ def class_names(index: pd.DataFrame) -> list[str]:
 
 def fetch_weights(arch: str, weights: str) -> str:
     """Make sure pretrained weights are on disk (torch's hub cache); say what is used."""
-    import torch  # 1.8 s: the download stage's data part runs without it
+    import torch  # imported only here: the download stage's data part runs without it
 
     from twophase.model import build_model, is_timm, load_state_dict_file, weights_enum
 

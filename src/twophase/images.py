@@ -21,7 +21,7 @@ from twophase.model import Preprocessing
 
 def eval_transform(image_size: int, prep: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the short side to `resize_ratio * image_size`, centre-crop, normalise."""
-    from torchvision.transforms import v2  # torchvision takes seconds to import: only if needed
+    from torchvision.transforms import v2  # torchvision: imported only where images are decoded
 
     transform: Callable[[Image.Image], torch.Tensor] = v2.Compose(
         [
@@ -48,7 +48,7 @@ def train_transform(
     ratio 3/4-4/3, at the weights' size); colour operations run on uint8 pixels, before
     normalisation, as torchvision's classification reference does.
     """
-    from torchvision.transforms import v2  # as above: torchvision only where images are decoded
+    from torchvision.transforms import v2  # as above
 
     interpolation = v2.InterpolationMode(prep.interpolation)
     steps: list[Callable[..., torch.Tensor]] = [v2.PILToTensor()]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from twophase.errors import TwophaseError
 
-if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
+if TYPE_CHECKING:  # pandas: only for type hints, the training stages never import it
     import pandas as pd
 
 

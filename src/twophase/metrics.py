@@ -21,7 +21,7 @@ def score(labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str])
     """Accuracy, macro precision/recall/F1 and per-class metrics of one phase.
 
     The formulas of scikit-learn's `precision_recall_fscore_support(zero_division=0)` (a test
-    compares them), in numpy: importing sklearn.metrics costs a stage over a second.
+    compares them), in numpy: evaluate does not import sklearn.metrics (bench/RESULTS.md).
     """
     matrix = confusion(labels, predicted, len(class_names)).astype(np.float64)
     true_positives = np.diag(matrix)

@@ -20,7 +20,7 @@ from twophase.backbones import TIMM_PREFIX, ArchError, Family, describe, family_
 from twophase.errors import TwophaseError
 from twophase.params import ParamsError
 
-if TYPE_CHECKING:  # torchvision takes seconds to import: only where a model is built
+if TYPE_CHECKING:  # torchvision: imported only where a model is built
     from torchvision.models import WeightsEnum
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,7 +46,7 @@ def weights_enum(arch: str, weights: str) -> WeightsEnum | None:
     check_arch(arch)
     if weights.lower() == "none" or _looks_like_path(weights) or is_timm(arch):
         return None
-    import torchvision  # 1.3 s: only where a torchvision model is built
+    import torchvision  # imported only where a torchvision model is built
 
     enum = torchvision.models.get_model_weights(arch)
     name = weights.removeprefix(f"{enum.__name__}.")
@@ -127,7 +127,7 @@ def create_model(arch: str, kwargs: dict[str, Any]) -> nn.Module:
 
         timm_model: nn.Module = timm.create_model(arch.removeprefix(TIMM_PREFIX), **kwargs)
         return timm_model
-    import torchvision  # 1.3 s: only where a model is built
+    import torchvision  # imported only where a model is built
 
     model: nn.Module = torchvision.models.get_model(arch, weights=None, **kwargs)
     return model

@@ -24,8 +24,8 @@ class Optimizer:
     torch.optim's own classes call (`torch.optim.adam.adam`, `torch.optim.sgd.sgd`), with the
     same state, so every update is theirs bit for bit (tests/test_optim.py).
 
-    Why not `torch.optim.Adam` itself: its constructor and its `step` import torch._dynamo, about
-    1.3 s on a 2-core CPU, longer than the whole phase-1 training on a Pet-sized cache; the
+    Why not `torch.optim.Adam` itself: its constructor and its `step` import torch._dynamo, which
+    takes longer than the whole phase-1 training on a Pet-sized cache (bench/RESULTS.md); the
     kernels do not. What the project needs of an optimizer is here: `param_groups` (LR per group,
     read by `set_epoch_lr` and by `torch.amp.GradScaler`), `zero_grad` and `step`.
     """

@@ -145,7 +145,8 @@ class ComputeParams:
 
 @dataclass(frozen=True)
 class PhaseParams:
-    """Optimisation settings shared by both phases (section name given by `_section`)."""
+    """How a phase trains, the settings both phases share: `train_transfer` and `finetune`
+    add their own (TransferParams, FinetuneParams) and name the section in their messages."""
 
     lr: float = 1e-4
     epochs: int = 50

@@ -13,6 +13,7 @@ on the cached activations, which the streamed network would compute identically.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from twophase.params import FinetuneParams, Params, ParamsError
 from twophase.runtime import autocast_dtype, seed_everything
 from twophase.train import EpochStats, FitResult, fit, fit_linear_probe
 
-if TYPE_CHECKING:  # pandas takes 0.3 s to import; the training stages never need it
+if TYPE_CHECKING:  # pandas: only for type hints, the training stages never import it
     import pandas as pd
 
 
@@ -272,11 +273,25 @@ def cached_batches(
     return train_batches
 
 
-def warn_if_larger_than_memory(size: int) -> None:
-    import psutil  # only here: it is only needed for this one check
+def available_memory() -> int | None:
+    """Bytes of memory available without swapping: Linux's MemAvailable (what the page cache
+    would give up), else the free pages; None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such name on this platform
+        return None
 
-    available = psutil.virtual_memory().available
-    if size > available:
+
+def warn_if_larger_than_memory(size: int) -> None:
+    available = available_memory()
+    if available is not None and size > available:
         print(
             f"finetune: the training cache ({size / 2**30:.1f} GiB) is larger than the free "
             f"memory ({available / 2**30:.1f} GiB): with finetune.shuffle: full every batch "

@@ -120,7 +120,7 @@ def plot_prediction_grid(
     `confidence` (the predicted class's probability) is shown when given.
 
     The images are pasted into one mosaic drawn on one set of axes: matplotlib spends most of a
-    figure's time per axes, and a grid of 8 axes cost 0.2 s of a 1-second stage.
+    figure's time per axes.
     """
     count = len(paths)
     rows = max(1, -(-count // columns))

@@ -64,7 +64,8 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Images and activations go channels-last: measured faster on this CPU (bench/RESULTS.md)."""
+    """`inputs` on `device`; images and activations channels-last, the layout the convolutions
+    run fastest in on CPU (bench/RESULTS.md)."""
     inputs = inputs.to(device, non_blocking=True)
     if inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)

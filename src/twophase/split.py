@@ -51,8 +51,8 @@ def stratified_split(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndar
     """Positions of the training and validation rows: scikit-learn's `train_test_split(...,
     test_size=n_val, stratify=labels, random_state=seed)` step for step (StratifiedShuffleSplit
     with a legacy RandomState; tests/test_split.py compares them), so the split is the one earlier
-    versions made. Importing sklearn.model_selection cost this stage 0.8 s of its 1.4 s, and a
-    scikit-learn release can no longer move an image between train and val.
+    versions made, without importing sklearn.model_selection (most of this stage's start-up), and
+    a scikit-learn release can no longer move an image between train and val.
     """
     rng = np.random.RandomState(seed)
     _, class_of_row = np.unique(labels, return_inverse=True)
