@@ -210,9 +210,7 @@ def resolve_cut(arch: str, blocks: Sequence[str], unfreeze: Sequence[str]) -> st
     )
 
 
-def discriminative_groups(
-    tail: Tail, blocks: list[str], decay: float
-) -> tuple[list[list[nn.Parameter]], list[float]]:
+def discriminative_groups(tail: Tail, blocks: list[str], decay: float) -> ParamGroups:
     """Parameter groups for phase 2: each unfrozen block (its start up to the next block's, as
     `Family.block_members` says) at lr * decay**k, k = 1 for the last block, 2 for the one
     before, ...; what follows the last block (norms, pooling, the head) at the phase's LR and,

@@ -118,7 +118,7 @@ def train_transfer(
         features_meta=meta,
         reads="embeddings",
         cut=None,
-        summary=result.best(last_epoch=result.history[-1].epoch),
+        summary=result.checkpoint_summary(result.history[-1].epoch),
     )
     return result
 
@@ -224,7 +224,9 @@ def finetune(
         features_meta=features_meta,
         reads=reads,
         cut=cut,
-        summary=result.best(result.history[-1].epoch if result.history else start["last_epoch"]),
+        summary=result.checkpoint_summary(
+            result.history[-1].epoch if result.history else start["last_epoch"]
+        ),
     )
     return result
 

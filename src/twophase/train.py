@@ -75,7 +75,7 @@ class FitResult:
             **({"l2": self.l2} if self.l2 is not None else {}),
         }
 
-    def best(self, last_epoch: int) -> dict[str, float | int]:
+    def checkpoint_summary(self, last_epoch: int) -> dict[str, float | int]:
         """What a checkpoint records of its training: the best epoch, unrounded, and the last."""
         return {
             "best_epoch": self.best_epoch,
@@ -116,10 +116,10 @@ def run_epoch(
                 logits = model(inputs)
             # The global batch's mean loss, over a rank's share of it: DDP averages the ranks'
             # gradients, so one process and N processes take the same step.
-            per_row = nn.functional.cross_entropy(
+            summed = nn.functional.cross_entropy(
                 logits.float(), labels, label_smoothing=smoothing, reduction="sum"
             )
-            loss = per_row / (rows / world.size)
+            loss = summed / (rows / world.size)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
