@@ -108,9 +108,9 @@ def test_an_image_size_that_misfits_the_patch_grid_is_one_line() -> None:
 
 
 def readme_loader() -> str:
-    """The README's snippet that loads a checkpoint with torchvision alone."""
-    readme = (PROJECT / "README.md").read_text()
-    section = readme[readme.index("### Load a checkpoint without twophase") :]
+    """The docs' snippet that loads a checkpoint with torchvision alone."""
+    readme = (PROJECT / "docs" / "use-the-model.md").read_text()
+    section = readme[readme.index("## Load a checkpoint without twophase") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
