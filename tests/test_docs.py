@@ -53,3 +53,12 @@ def test_the_readme_is_a_front_page() -> None:
         assert command in text, command
     links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)  # relative links: they work on GitHub
     assert links and all((PROJECT / link).is_file() for link in links), links
+
+
+def test_the_example_outputs_show_the_command_the_docs_give() -> None:
+    from scripts.readme_examples import EXAMPLES, NARROW
+
+    text = EXAMPLES.read_text()
+    assert f"dvc exp show --drop '.*' --keep '{NARROW}'" in text
+    for key in ("exp-show", "metrics-diff"):
+        assert f"<!-- example:{key} -->\n```\n" in text, key

@@ -1,6 +1,7 @@
 """The network: a torchvision classification model whose classifier is replaced by an MLP head.
 
-Checkpoints hold the model's own state-dict keys, so they load into plain torchvision (README).
+Checkpoints hold the model's own state-dict keys, so they load into plain torchvision (docs:
+"Use the model").
 The family table (backbones.py) says where each model's blocks and classifier are; the blocks
 before the first unfrozen one are frozen, run in eval mode and are computed once (features.py).
 """
