@@ -46,8 +46,9 @@ lint:
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy src
 
+# One worker per core; a test file stays on one worker (the end-to-end files share a DVC project).
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 bench:
 	$(BIN)/python bench/run.py

@@ -1,4 +1,4 @@
-"""Issue K: photos with an EXIF orientation are used upright on every path that decodes images."""
+"""Photos with an EXIF orientation are used upright on every path that decodes images."""
 
 from __future__ import annotations
 
