@@ -17,7 +17,7 @@ DIGITS_MODE ?= --temp
 # The columns worth comparing: the params people vary, both phases' test accuracy and macro F1.
 EXP_COLUMNS := ^(Experiment|Created)$$|^(transfer|finetune)\.(accuracy|f1_macro)$$|^delta\.accuracy$$|^(data\.dataset|train_transfer\.lr|finetune\.lr|finetune\.epochs|finetune\.unfreeze)$$
 
-.PHONY: help setup test lint digits exp-show bench recipe
+.PHONY: help setup test lint digits exp-show bench recipe docs
 
 help:
 	@echo "make setup   create $(VENV) and install twophase with pinned dependencies"
@@ -27,6 +27,7 @@ help:
 	@echo "make exp-show  dvc exp show limited to the params that vary and both phases' test scores"
 	@echo "make bench   the benchmark of bench/run.py (tens of minutes; see bench/RESULTS.md)"
 	@echo "make recipe R=strong  run recipes/strong.yaml as a DVC experiment (R= lists them)"
+	@echo "make docs    serve the manual (docs/, mkdocs.yml) at http://127.0.0.1:8000"
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +46,9 @@ lint:
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy src
 
+# One worker per core; a test file stays on one worker (the end-to-end files share a DVC project).
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 bench:
 	$(BIN)/python bench/run.py
@@ -58,3 +60,6 @@ else
 	@$(BIN)/python scripts/recipe.py recipes/$(R).yaml >/dev/null
 	set -f; $(BIN)/dvc exp run -n recipe-$(R) $(RECIPE_ARGS) $$($(BIN)/python scripts/recipe.py recipes/$(R).yaml)
 endif
+
+docs:
+	$(BIN)/mkdocs serve

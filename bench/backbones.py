@@ -1,4 +1,4 @@
-"""The README's backbone table: blocks, cache bytes per image and features-stage speed per arch.
+"""The backbone table of docs/backbones.md: blocks, cache bytes per image, features speed per arch.
 
     python bench/backbones.py [--archs resnet18,convnext_tiny,...] [--images 32]
 

@@ -11,6 +11,14 @@ import pytest
 from tests.helpers import make_imagefolder
 
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# Under pytest-xdist (make test), the cores are shared among the workers, and the stages the
+# end-to-end tests start inherit the same share: no worker's threads wait on another's.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+
+# The longest files first (one worker each, with --dist loadfile), the rest as workers free up.
+LONGEST_FIRST = ("test_e2e.py", "test_e2e_data.py")
 
 
 @pytest.fixture
@@ -33,3 +41,11 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order

@@ -1,46 +1,17 @@
-"""Issue F: every supported torchvision family through one table, and checkpoints that load
-into plain torchvision."""
+"""Every supported torchvision family through one table: names, blocks, the cut, one-line errors."""
 
 from __future__ import annotations
 
-import copy
-import re
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 import torchvision
 
-from tests.helpers import PROJECT
-from tests.test_train import tiny_network
-from twophase import cache
 from twophase.backbones import FAMILIES, block_names, describe, supported_archs
-from twophase.batches import array_batches
-from twophase.checkpoint import load_checkpoint, save_checkpoint
-from twophase.features import extract
-from twophase.model import Preprocessing, build_model, check_arch, model_kwargs
-from twophase.network import FrozenTrunk, Tail, cached_input_model, predict, resolve_cut
+from twophase.model import build_model, check_arch
+from twophase.network import FrozenTrunk, resolve_cut
 from twophase.params import ParamsError, parse_params
 
 CPU = torch.device("cpu")
-# one model of each family, at a size that fits its patch grid / downsampling
-ONE_PER_FAMILY = {
-    "resnet18": 32,
-    "regnet_y_400mf": 32,
-    "convnext_tiny": 32,
-    "efficientnet_b0": 32,
-    "mobilenet_v3_small": 32,
-    "vit_b_16": 32,
-    "swin_t": 32,
-}
-TIMM = {  # the optional extra; installed with the dev dependencies
-    "timm/resnet18": 32,
-    "timm/convnext_atto": 32,
-    "timm/efficientnet_b0": 32,
-    "timm/vit_tiny_patch16_224": 224,
-    "timm/swin_tiny_patch4_window7_224": 224,
-}
 
 
 def test_every_torchvision_name_of_the_families_is_supported() -> None:
@@ -105,100 +76,6 @@ def test_an_image_size_that_misfits_the_patch_grid_is_one_line() -> None:
     trunk = FrozenTrunk(vit, describe(vit, "vit_b_16"), None)
     with pytest.raises(ParamsError, match=r"^data.image_size: 48 does not fit the model \(Wrong"):
         output_shapes(trunk, 48, CPU)
-
-
-def readme_loader() -> str:
-    """The README's snippet that loads a checkpoint with torchvision alone."""
-    readme = (PROJECT / "README.md").read_text()
-    section = readme[readme.index("### Load a checkpoint without twophase") :]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize(("arch", "size"), [*ONE_PER_FAMILY.items(), *TIMM.items()])
-def test_cached_path_equals_streamed_and_checkpoint_loads_into_plain_torchvision(
-    arch: str, size: int, tmp_path: Path
-) -> None:
-    tail = tiny_network(arch=arch, first=None, dropout=0.0)
-    model, family = tail.model, tail.family
-    cut = block_names(model, family)[-1]
-    images = torch.randn(5, 3, size, size)
-    paths, labels = _saved(images, tmp_path)
-    extract(
-        FrozenTrunk(copy.deepcopy(model), family, cut),
-        {"test": (paths, labels)},
-        tmp_path / "embeddings",
-        tmp_path / "activations",
-        image_size=size,
-        prep=Preprocessing(),
-        batch_size=2,
-        num_workers=0,
-        device=CPU,
-        meta={"arch": arch},
-        dtype="float32",
-    )
-    activations, _ = cache.load_activations(tmp_path / "activations", "test")
-    nhwc = cache.load_meta(tmp_path / "activations")["layout"] == "nchw"
-    cached_probs, _ = predict(
-        Tail(model, family, cut), array_batches(activations, np.array(labels), 2, nhwc=nhwc), CPU
-    )
-    streamed = _streamed_probs(model, paths, size)
-    assert torch.allclose(cached_probs, streamed, atol=1e-4)
-
-    meta = {
-        "arch": arch,
-        "classifier": family.classifier,
-        "model_kwargs": model_kwargs(arch, "none", size),
-        "embedding_dim": model.get_submodule(family.classifier)[0].in_features,
-        "class_names": ["a", "b", "c"],
-        "image_size": size,
-        "preprocessing": {},
-    }
-    params = parse_params({"model": {"arch": arch, "dense_units": [16], "dropout": 0.0}})
-    save_checkpoint(
-        model.state_dict(),
-        tmp_path / "finetune.pt",
-        phase="finetune",
-        params=params,
-        features_meta=meta,
-        reads="activations",
-        cut=cut,
-        summary={"best_epoch": 1, "best_val_loss": 0.5, "best_val_acc": 0.9, "last_epoch": 1},
-    )
-    namespace: dict = {}
-    exec(readme_loader().replace("models/finetune.pt", str(tmp_path / "finetune.pt")), namespace)
-    plain = namespace["model"].eval()  # loaded with strict=True, without twophase
-    library = "timm." if arch.startswith("timm/") else "torchvision."
-    assert type(plain).__module__.startswith(library), type(plain)
-    reloaded, checkpoint = load_checkpoint(tmp_path / "finetune.pt")
-    evaluated, _ = predict(
-        cached_input_model(reloaded, checkpoint),
-        array_batches(activations, np.array(labels), 2, nhwc=nhwc),
-        CPU,
-    )
-    assert torch.allclose(_streamed_probs(plain, paths, size), evaluated, atol=1e-4)
-
-
-def _saved(images: torch.Tensor, folder: Path) -> tuple[list[str], list[int]]:
-    """Images as PNG files (what the cache reads), lossless."""
-    from PIL import Image
-
-    paths = []
-    for i, image in enumerate(images):
-        pixels = (image.clamp(-2, 2) * 60 + 128).round().clamp(0, 255).byte()
-        path = folder / "images" / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
-        paths.append(str(path))
-    return paths, [i % 3 for i in range(len(paths))]
-
-
-def _streamed_probs(model: torch.nn.Module, paths: list[str], size: int) -> torch.Tensor:
-    from twophase.batches import BatchOrder
-    from twophase.images import ImageBatches, ImageDataset
-
-    data = ImageDataset(paths, [0] * len(paths), size, Preprocessing())
-    probs, _ = predict(model, ImageBatches(data, BatchOrder(len(data), 2, False)), CPU)
-    return probs
 
 
 def test_timm_blocks_come_from_feature_info_and_the_tail_is_checked() -> None:

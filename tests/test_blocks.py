@@ -1,4 +1,4 @@
-"""Issue K: a block is a resolution stage, `unfreeze: N` counts such stages in every family, and
+"""A block is a resolution stage, `unfreeze: N` counts such stages in every family, and
 discriminative LRs give every trainable parameter the LR of the block it belongs to.
 
 One small model per family (weights none). The expected LRs are worked out here from parameter

@@ -82,7 +82,8 @@ def test_validate_sees_every_section_and_every_other_stage_is_downstream_of_it()
 
 
 @pytest.mark.parametrize(
-    ("document", "before"), [("data/raw/README.md", "as a dependency of"), ("README.md", "it is a")]
+    ("document", "before"),
+    [("data/raw/README.md", "as a dependency of"), ("docs/data.md", "it is a")],
 )
 def test_the_docs_name_the_stages_that_depend_on_data_root(document: str, before: str) -> None:
     import re

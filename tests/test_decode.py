@@ -1,4 +1,4 @@
-"""Issue K: photos with an EXIF orientation are used upright on every path that decodes images."""
+"""Photos with an EXIF orientation are used upright on every path that decodes images."""
 
 from __future__ import annotations
 
@@ -119,17 +119,17 @@ def test_report_grid_shows_photos_upright(tmp_path: Path, monkeypatch: pytest.Mo
     assert dark_on_top(np.asarray(shown))
 
 
-def test_readme_preprocessing_snippet_turns_photos_upright_as_twophase_does(
+def test_docs_preprocessing_snippet_turns_photos_upright_as_twophase_does(
     tmp_path: Path,
 ) -> None:
-    """The README's preprocessing for the exported model, run on a sideways photo."""
+    """The docs' preprocessing for the exported model, run on a sideways photo."""
     import onnx
 
     from twophase.images import ImageDataset
     from twophase.predict import export_metadata
 
-    readme = (PROJECT / "README.md").read_text()
-    section = readme[readme.index("### Preprocess an image without twophase") :]
+    readme = (PROJECT / "docs" / "use-the-model.md").read_text()
+    section = readme[readme.index("## Preprocess an image without twophase") :]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
     checkpoint = {"arch": "resnet18", "class_names": ["a", "b"], "image_size": 16}
     checkpoint["preprocessing"] = {"mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.25)}

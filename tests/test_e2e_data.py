@@ -1,4 +1,4 @@
-"""Issue E.1: the user's images are an input. No dvc or git command loses or rewrites them.
+"""The user's images are an input. No dvc or git command loses or rewrites them.
 
 One repo, imagefolder data in the repo's own data/raw (git-ignored, DVC reads it as a
 dependency), then a root outside the repo for the runs that work in a copy (--temp, --queue).

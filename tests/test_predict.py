@@ -1,4 +1,4 @@
-"""Issue G: predict and export from a trained checkpoint, on raw images, end to end."""
+"""Predict and export from a trained checkpoint, on raw images, end to end."""
 
 from __future__ import annotations
 

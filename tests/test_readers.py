@@ -1,4 +1,4 @@
-"""Issue I: phase 2's cached batches at device speed, without changing a single value.
+"""Phase 2's cached batches at device speed, without changing a single value.
 
 Reading processes, arrays held on a device and block shuffling are speed choices: the first two
 must give exactly the batches of a plain read; block shuffling must still visit every row once

@@ -1,4 +1,4 @@
-"""Issue H: optimizers, schedules, discriminative LRs and the linear probe, by mechanism."""
+"""Optimizers, schedules, discriminative LRs and the linear probe, by mechanism."""
 
 from __future__ import annotations
 

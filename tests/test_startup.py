@@ -1,4 +1,4 @@
-"""Issue J: no stage spends longer starting than working (figures: bench/RESULTS.md).
+"""No stage spends longer starting than working (figures: bench/RESULTS.md).
 
 Only what can be asserted without timing: stages that run no network never import torch;
 evaluate draws nothing (matplotlib is the report's); the numpy metrics that replaced

@@ -1,4 +1,4 @@
-"""Issue E: one clear line for each user-reachable failure; phase 2 never worse than phase 1."""
+"""One clear line for each user-reachable failure; phase 2 never worse than phase 1."""
 
 from __future__ import annotations
 

@@ -201,7 +201,7 @@ def family_of(arch: str, check: bool = False) -> Family:
         hint = f"; did you mean {', '.join(closest)}?" if closest else ""
         raise ArchError(
             f"model.arch: {arch!r} is not supported{hint} ({len(names)} torchvision models are: "
-            f"the README's backbone table lists them; or {TIMM_PREFIX}<name> for a timm model)"
+            f"docs/backbones.md lists them; or {TIMM_PREFIX}<name> for a timm model)"
         )
     return family
 

@@ -1,5 +1,5 @@
 """Checkpoints: a dict with the whole network's weights under torchvision's own keys, and
-everything needed to rebuild it, with or without twophase (README: "Load a checkpoint").
+everything needed to rebuild it, with or without twophase (docs: "Use the model").
 """
 
 from __future__ import annotations

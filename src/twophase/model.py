@@ -1,9 +1,9 @@
 """The model: a torchvision (or timm) classification model with its weights and preprocessing,
 and the MLP head that replaces its classifier.
 
-Checkpoints hold the model's own state-dict keys, so they load into plain torchvision (README).
-Where the model is cut into a frozen trunk and a trained tail is network.py's; where each
-family's blocks and classifier are is the family table's (backbones.py).
+Checkpoints hold the model's own state-dict keys, so they load into plain torchvision (docs:
+"Use the model"). Where the model is cut into a frozen trunk and a trained tail is network.py's;
+where each family's blocks and classifier are is the family table's (backbones.py).
 """
 
 from __future__ import annotations
