@@ -504,6 +504,9 @@ def test_processes_a_stage_relaunches_die_when_it_is_killed_with_sigkill(tmp_pat
     import psutil
 
     code = (
+        # Ctrl-C raises KeyboardInterrupt, as in a terminal's foreground job (a shell's
+        # background job, e.g. this test run under `make test &`, starts with SIGINT ignored)
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"import sys; sys.path.insert(0, {str(PROJECT / 'src')!r})\n"
         "from twophase.stage import _relaunch\n"
         "_relaunch([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
@@ -571,6 +574,9 @@ def test_ctrl_c_of_a_relaunched_stage_is_one_line(tmp_path: Path) -> None:
         "time.sleep(60)\n"
     )
     code = (
+        # Ctrl-C raises KeyboardInterrupt, as in a terminal's foreground job (a shell's
+        # background job, e.g. this test run under `make test &`, starts with SIGINT ignored)
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"import sys; sys.path.insert(0, {str(PROJECT / 'src')!r})\n"
         "from twophase.stage import _relaunch, run_stage\n"
         f"run_stage(lambda: sys.exit(_relaunch([sys.executable, '-c', {fake_torchrun!r}])))\n"
