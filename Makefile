@@ -48,7 +48,7 @@ lint:
 
 # One worker per core; a test file stays on one worker (the end-to-end files share a DVC project).
 test: lint
-	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder --durations=20
 
 bench:
 	$(BIN)/python bench/run.py
