@@ -1,4 +1,4 @@
-"""Benchmark of issue H: augmented cached views and streamed phase 2, accuracy and wall time.
+"""Benchmark: augmented cached views and streamed phase 2, accuracy and wall time.
 
 On the same data and seed, for views 0 / 2 / 4 (phase 2 on the cache) and for the streamed path
 (views 0, `finetune.input: images`, fresh augmentation each epoch), it runs the DAG stage by stage

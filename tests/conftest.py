@@ -14,7 +14,7 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 # Under pytest-xdist (make test), the cores are shared among the workers, and the stages the
 # end-to-end tests start inherit the same share: no worker's threads wait on another's.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
 # The longest files first (one worker each, with --dist loadfile), the rest as workers free up.

@@ -26,7 +26,10 @@ def test_every_torchvision_name_of_the_families_is_supported() -> None:
 
 
 def test_an_unsupported_arch_names_the_closest_ones_in_one_short_line() -> None:
-    with pytest.raises(ParamsError, match=r"^model.arch: 'vgg16' is not supported \(53 torch"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^model.arch: 'vgg16' is not supported \(docs/backbones.md lists the 53 torch",
+    ):
         check_arch("vgg16")
     with pytest.raises(ParamsError) as caught:
         check_arch("resnet19")

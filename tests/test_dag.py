@@ -104,8 +104,9 @@ TRAINING_MODULES = ("train.py", "optim.py", "phases.py", "dropout.py", "distribu
     ["stages/evaluate.py", "stages/export.py", "src/twophase/predict.py", "src/twophase/cli.py"],
 )
 def test_inference_imports_no_training_module(script: str) -> None:
-    """Scoring, exporting and `twophase predict` run a checkpoint: an edit to the optimizer or
-    the training loop must not rerun the evaluate and export stages."""
+    """Scoring, exporting and `twophase predict` run a checkpoint: an edit to the optimizer,
+    the training loop, the phases, dropout or DDP (the modules below) must not rerun the
+    evaluate and export stages."""
     closure = import_closure(PROJECT / script)
     assert "src/twophase/checkpoint.py" in closure  # the finder really followed the imports
     training = {f"src/twophase/{name}" for name in TRAINING_MODULES}

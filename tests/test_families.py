@@ -20,9 +20,12 @@ import torch
 
 from tests.helpers import PROJECT, make_imagefolder
 from tests.test_phases import tiny_params
-from twophase import features
+from twophase import cache, features
+from twophase.batches import array_batches
+from twophase.checkpoint import load_checkpoint
 from twophase.datasets import build_index
 from twophase.evaluation import evaluate
+from twophase.network import cached_input_model, predict
 from twophase.phases import finetune, train_transfer
 from twophase.predict import export_model, predict_images, read_checkpoint
 from twophase.split import split_index
@@ -93,12 +96,28 @@ def test_every_family_runs_the_whole_chain(
     trained = json.loads((tmp_path / "plots" / "trained_blocks.json").read_text())
     assert trained["transfer"] == [] and len(trained["finetune"]) == 1, trained
 
-    # the whole network on raw images scores what evaluate scored on the cache
+    # the whole network on raw images computes what evaluate computed on the cache: every
+    # class's probability (predict's top-k holds all three)
     model, checkpoint = read_checkpoint(tuned)
     evaluated = pd.read_csv(tmp_path / "plots" / "predictions_finetune.csv")
     predicted = predict_images(model, checkpoint, list(evaluated["path"]), batch_size=4)
     assert list(predicted["predicted"]) == list(evaluated["predicted"].astype(str))
     np.testing.assert_allclose(predicted["probability"], evaluated["probability"], atol=1e-4)
+    names = checkpoint["class_names"]
+    streamed = np.zeros((len(predicted), len(names)))
+    for rank in (1, 2, 3):
+        for row, (name, value) in enumerate(
+            zip(predicted[f"top{rank}"], predicted[f"top{rank}_probability"], strict=True)
+        ):
+            streamed[row, names.index(name)] = value
+    test_inputs, test_labels = cache.load_activations(activations, "test")
+    nhwc = cache.load_meta(activations)["layout"] == "nchw"
+    cached, _ = predict(
+        cached_input_model(*load_checkpoint(tuned)),
+        array_batches(test_inputs, test_labels, 4, nhwc=nhwc),
+        torch.device("cpu"),
+    )
+    np.testing.assert_allclose(streamed, cached.numpy(), atol=1e-4)
 
     # the checkpoint loads, strictly, into the library's own model without twophase
     namespace: dict = {}

@@ -37,6 +37,33 @@ def noise_embeddings(n: int, dim: int = 8, classes: int = 3, seed: int = 0):
     return rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, classes, n)
 
 
+def test_one_process_steps_on_torchs_mean_cross_entropy_bit_for_bit() -> None:
+    """The loss of one process is F.cross_entropy's mean itself, with label smoothing too: the
+    weight that DDP's ranks apply is exactly 1 here, so the gradients are torch's own."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+
+    class Capture:
+        def __init__(self) -> None:
+            self.grads: list[torch.Tensor] = []
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            model.zero_grad(set_to_none=set_to_none)
+
+        def step(self) -> None:
+            self.grads = [p.grad.clone() for p in model.parameters()]
+
+    capture = Capture()
+    loss, _ = run_epoch(model, [(x, y)], CPU, optimizer=capture, label_smoothing=0.1)
+    expected = nn.functional.cross_entropy(twin(x), y, label_smoothing=0.1)
+    expected.backward()
+    assert loss == expected.item() * 10 / 10
+    for got, want in zip(capture.grads, [p.grad for p in twin.parameters()], strict=True):
+        assert torch.equal(got, want)
+
+
 def test_every_linear_of_the_head_trains() -> None:
     torch.manual_seed(0)
     head = build_head(8, [16, 12], dropout=0.3, num_classes=3)
@@ -222,3 +249,12 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
     for s, c in zip(streamed.history, cached.history, strict=True):
         assert s.train_loss == pytest.approx(c.train_loss, abs=1e-4)
         assert s.val_loss == pytest.approx(c.val_loss, abs=1e-4)
+
+    # and Streamed (the trunk stopped at the tail's first block, the tail run on what reached
+    # it) computes what the whole model computes on the images, in training mode too
+    net = tiny_network(dropout=0.0)
+    images = next(iter(ImageBatches(data, BatchOrder(len(data), 6, False))))[0]
+    with torch.no_grad():
+        through_tail = Streamed(net).train()(images)
+        whole = net.train().model(images)
+    assert torch.allclose(through_tail, whole, atol=1e-5)

@@ -153,6 +153,30 @@ def test_torchvision_class_left_without_readable_training_images_is_an_error(
         build_index("oxford_iiit_pet", root)
 
 
+def test_an_output_linked_into_a_cache_is_replaced_never_written_through(tmp_path: Path) -> None:
+    """With DVC's cache.type hardlink an output is a link to a file in .dvc/cache: writing the
+    output anew (a file, a stage's folder) must leave the cached copy as it was."""
+    from twophase.io import atomic_path, write_json
+
+    cached = tmp_path / "cache"
+    (cached / "folder").mkdir(parents=True)
+    (cached / "file.json").write_text('{"old": 1}')
+    (cached / "folder" / "rows.npy").write_bytes(b"old rows")
+    (tmp_path / "out").mkdir()
+    os.link(cached / "file.json", tmp_path / "out" / "file.json")
+    (tmp_path / "out" / "folder").mkdir()
+    os.link(cached / "folder" / "rows.npy", tmp_path / "out" / "folder" / "rows.npy")
+
+    write_json({"new": 2}, tmp_path / "out" / "file.json")
+    with atomic_path(tmp_path / "out" / "folder", folder=True) as tmp:
+        tmp.mkdir()
+        (tmp / "rows.npy").write_bytes(b"new rows")
+    assert (cached / "file.json").read_text() == '{"old": 1}'
+    assert (cached / "folder" / "rows.npy").read_bytes() == b"old rows"
+    assert (tmp_path / "out" / "file.json").read_text().startswith('{\n  "new"')
+    assert (tmp_path / "out" / "folder" / "rows.npy").read_bytes() == b"new rows"
+
+
 def test_leftovers_of_a_killed_rename_are_cleaned(tmp_path: Path) -> None:
     from twophase.io import atomic_path
 
@@ -269,6 +293,10 @@ def test_the_disk_check_counts_dvcs_copy_unless_the_cache_links(
     if config is not None:
         path.write_text(config)
     assert dvc_copies(path) == copies
+    (tmp_path / "config.local").write_text("[cache]\n    type = hardlink\n")  # dvc config --local
+    assert dvc_copies(path) == 1
+    (tmp_path / "config.local").write_text("[cache]\n    type = copy\n")
+    assert dvc_copies(path) == 2
 
 
 DEMO_DVC_YAML = """stages:

@@ -200,8 +200,8 @@ def family_of(arch: str, check: bool = False) -> Family:
         closest = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(closest)}?" if closest else ""
         raise ArchError(
-            f"model.arch: {arch!r} is not supported{hint} ({len(names)} torchvision models are: "
-            f"docs/backbones.md lists them; or {TIMM_PREFIX}<name> for a timm model)"
+            f"model.arch: {arch!r} is not supported{hint} (docs/backbones.md lists the "
+            f"{len(names)} torchvision models; or {TIMM_PREFIX}<name> for a timm model)"
         )
     return family
 

@@ -249,18 +249,21 @@ def check_free_space(folder: Path, needed: int) -> None:
 
 def dvc_copies(config: Path = Path(".dvc/config")) -> int:
     """How many times the cache lands on disk: twice when DVC copies outputs into .dvc/cache
-    (its default on file systems without reflinks), once when it links them (cache.type)."""
-    try:
-        text = config.read_text(encoding="utf-8")
-    except OSError:
-        return 2
-    section, kinds = "", ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("["):
-            section = stripped.strip("[]").strip()
-        elif section == "cache" and stripped.replace(" ", "").startswith("type="):
-            kinds = stripped.split("=", 1)[1]
+    (its default on file systems without reflinks), once when it links them (cache.type, as
+    `dvc config` or `dvc config --local` set it: config.local wins)."""
+    kinds = ""
+    for path in (config, config.with_name("config.local")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        section = ""
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("["):
+                section = stripped.strip("[]").strip()
+            elif section == "cache" and stripped.replace(" ", "").startswith("type="):
+                kinds = stripped.split("=", 1)[1]
     linked = {kind.strip() for kind in kinds.split(",") if kind.strip()}
     return 1 if linked and linked <= {"hardlink", "symlink"} else 2
 

@@ -110,24 +110,30 @@ def run_epoch(
         for step, (inputs, labels) in enumerate(batches):
             inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
-            rows = int(world.sum(len(labels))[0])  # the global batch: every rank's slice of it
+            # the global batch: every rank's slice of it (validation needs no count: its
+            # loss takes no step and draws no dropout)
+            rows = int(world.sum(len(labels))[0]) if training else len(labels) * world.size
             offset = slice_start(rows, world.rank, world.size)
             with autocast(device, amp_dtype), keyed(seed, epoch, step, offset):
                 logits = model(inputs)
-            # The global batch's mean loss, over a rank's share of it: DDP averages the ranks'
-            # gradients, so one process and N processes take the same step.
-            summed = nn.functional.cross_entropy(
-                logits.float(), labels, label_smoothing=smoothing, reduction="sum"
-            )
-            loss = summed / (rows / world.size)
+            # This rank's mean loss, weighted by its share of the global batch: DDP averages the
+            # ranks' gradients, which makes the step the global batch's mean loss's, as in one
+            # process, where the weight is exactly 1. A rank's empty slice weighs nothing.
+            loss = logits.sum() * 0.0
+            if len(labels):
+                share = len(labels) * world.size / rows
+                mean = nn.functional.cross_entropy(
+                    logits.float(), labels, label_smoothing=smoothing
+                )
+                loss = mean * share
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
-                    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                    scaler.scale(loss).backward()
                     scaler.step(optimizer)  # type: ignore[arg-type]  # reads param_groups, calls step
                     scaler.update()
                 else:
-                    loss.backward()  # type: ignore[no-untyped-call]
+                    loss.backward()
                     optimizer.step()
             loss_sum += loss.item() * rows / world.size
             correct += int((logits.argmax(dim=1) == labels).sum())
