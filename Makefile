@@ -39,7 +39,7 @@ digits:
 	$(MAKE) -s exp-show
 
 exp-show:
-	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_SHOW_ARGS)
+	@$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_SHOW_ARGS)
 
 lint:
 	$(BIN)/ruff check .
