@@ -136,12 +136,16 @@ def test_blocks_are_named_after_their_first_module(network: Network) -> None:
     assert block_names(network.model, network.family) == list(network.spec.blocks)
 
 
+# timm's blocks are its own feature_info stages, and a ViT keeps one resolution throughout
+RESOLUTION_STAGED = [a for a in SPECS if not a.startswith(("timm/", "vit_"))]
+
+
+@pytest.mark.parametrize("network", RESOLUTION_STAGED, indirect=True)
 def test_a_block_is_a_resolution_stage(network: Network) -> None:
     """Every unit after the stem that lowers the resolution starts a block, and every block but
     the first starts with one (the first may run at the stem's resolution: EfficientNet's
     features.1, as timm's first efficientnet stage)."""
-    if network.arch.startswith("timm/") or network.family.layout == "tokens":
-        pytest.skip("timm's own feature_info stages; ViT keeps one resolution throughout")
+    assert network.family.layout != "tokens", network.arch
     sizes: dict[str, tuple[int, int]] = {}
     height = 1 if network.family.layout == "nhwc" else 2  # Swin's blocks run N x H x W x C
 
