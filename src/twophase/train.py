@@ -119,21 +119,22 @@ def run_epoch(
             # This rank's mean loss, weighted by its share of the global batch: DDP averages the
             # ranks' gradients, which makes the step the global batch's mean loss's, as in one
             # process, where the weight is exactly 1. A rank's empty slice weighs nothing.
-            loss = logits.sum() * 0.0
             if len(labels):
                 share = len(labels) * world.size / rows
                 mean = nn.functional.cross_entropy(
                     logits.float(), labels, label_smoothing=smoothing
                 )
                 loss = mean * share
+            else:
+                loss = logits.sum() * 0.0
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
+                    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                     scaler.step(optimizer)  # type: ignore[arg-type]  # reads param_groups, calls step
                     scaler.update()
                 else:
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     optimizer.step()
             loss_sum += loss.item() * rows / world.size
             correct += int((logits.argmax(dim=1) == labels).sum())
