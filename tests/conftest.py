@@ -18,7 +18,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
 # The longest files first (one worker each, with --dist loadfile), the rest as workers free up.
-LONGEST_FIRST = ("test_e2e.py", "test_e2e_data.py")
+LONGEST_FIRST = ("test_e2e.py", "test_e2e_data.py", "test_e2e_experiments.py")
 
 
 @pytest.fixture

@@ -1,0 +1,133 @@
+"""The end-to-end tests' DVC project: the repository's files in a temporary git repo, run by the
+real `dvc` on offline data; and the tiny digits project, reproduced once per test session and
+copied for each end-to-end file (pytest-xdist's workers share it)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import PROJECT
+from twophase.params import Params, read_yaml, to_dict
+
+TINY_DIGITS = {
+    "data": {"dataset": "digits", "image_size": 16},
+    "model": {"weights": "none"},
+    "features": {"num_workers": 0},
+    "train_transfer": {"lr": 0.003, "epochs": 3},
+    "finetune": {"epochs": 1},
+}
+STAGES = tuple(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"])
+GIT_USER = ("-c", "user.name=t", "-c", "user.email=t@t")
+
+
+def project_files() -> list[str]:
+    """The project as git sees it, with uncommitted edits, without the workspace's run outputs."""
+
+    def listed(*flags: str) -> list[str]:
+        done = subprocess.run(
+            ["git", "ls-files", *flags], cwd=PROJECT, check=True, capture_output=True, text=True
+        )
+        return done.stdout.split()
+
+    untracked = [
+        f
+        for f in listed("-o", "--exclude-standard")
+        if f != "dvc.lock" and not f.startswith(("metrics/", "plots/", "data/"))
+    ]
+    return [f for f in listed("-c") + untracked if (PROJECT / f).is_file()]
+
+
+def copy_project(repo: Path, overrides: dict) -> None:
+    """The project's files, with the reference params (not whatever the workspace applied)."""
+    for name in project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(to_dict(Params()), sort_keys=False))
+    set_params(repo / "params.yaml", overrides)
+
+
+def set_params(path: Path, overrides: dict) -> None:
+    params = read_yaml(path.read_text())  # the project's loader: `1e-05` is a float
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(repo: Path, *args: str, check: bool = True) -> str:
+    """Run a command in `repo`; with `check`, it must succeed, else it must fail."""
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert (done.returncode == 0) == check, (
+        f"{' '.join(args)} exit {done.returncode}:\n{output[-4000:]}"
+    )
+    return output
+
+
+def commit(repo: Path, message: str) -> None:
+    run(repo, "git", "add", "-A")
+    run(repo, "git", *GIT_USER, "commit", "-qm", message, "--allow-empty")
+
+
+def run_queue(repo: Path, timeout_s: float = 600) -> str:
+    """`dvc queue start` one worker, wait until nothing is queued or running; the final status."""
+    run(repo, "dvc", "queue", "start", "-j", "1")
+    deadline = time.monotonic() + timeout_s
+    status = ""
+    while time.monotonic() < deadline:
+        status = run(repo, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    return status
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def digits_project(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A git repo of the project on TINY_DIGITS after a whole `dvc repro`, committed. The first
+    caller in the session builds it (under a file lock: xdist workers share the session's
+    temporary folder); every caller gets a copy of its own."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    template = shared / "digits-template"
+    with (shared / "digits-template.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (template / ".git" / "built").exists():
+            shutil.rmtree(template, ignore_errors=True)
+            template.mkdir()
+            copy_project(template, TINY_DIGITS)
+            run(template, "git", "init", "-q")
+            commit(template, "tiny")
+            output = run(template, "dvc", "repro")
+            assert ran(output) == set(STAGES), output[-3000:]
+            commit(template, "repro")
+            (template / ".git" / "built").touch()
+    repo = tmp_path_factory.mktemp(name)
+
+    def template_tmp(folder: str, names: list[str]) -> list[str]:
+        """.dvc/tmp holds the template's locks and state database: each copy makes its own."""
+        return ["tmp"] if Path(folder) == template / ".dvc" else []
+
+    shutil.copytree(template, repo, symlinks=True, dirs_exist_ok=True, ignore=template_tmp)
+    return repo
