@@ -3,8 +3,9 @@ stages call it: the feature cache, both phases, evaluation, predict on raw image
 network equals the cached path) and a checkpoint that loads into plain torchvision (or timm)
 with the docs' own snippet; the ONNX export for one model of each torchvision family and timm.
 
-resnet18 runs through real `dvc` in tests/test_e2e.py, and so does one other family
-(`timm/convnext_atto`), which proves the dvc.yaml path for a non-ResNet.
+resnet18 runs through real `dvc` in the end-to-end tests, and so does one other family
+(`timm/convnext_atto`, tests/test_e2e_experiments.py), which proves the dvc.yaml path for a
+non-ResNet.
 """
 
 from __future__ import annotations
