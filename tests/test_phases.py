@@ -220,3 +220,66 @@ def test_a_last_batch_of_one_with_batchnorm_in_train_mode_is_a_params_error(
             workdir / "f1.pt",
             workdir / "f1.csv",
         )
+
+
+def _recording(function, calls: list[dict]):  # type: ignore[no-untyped-def]
+    """`function`, recording the keyword arguments of each call in `calls`."""
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return function(*args, **kwargs)
+
+    return recorded
+
+
+def test_each_phase_weighs_the_classes_of_its_training_split_and_mixes_as_its_params_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Class weights from the whole training split (class a cut to 2 of 14 images) reach the
+    loss of both phases, on cached activations and on streamed images, and of the linear probe;
+    mixing follows each phase's alphas (CutMix on streamed images)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from twophase import phases
+    from twophase.mixing import Mixing
+
+    make_imagefolder(tmp_path / "images", classes=("a", "b", "c"), train=8, test=3)
+    split = split_index(build_index("imagefolder", tmp_path / "images"), 0.25, 42)
+    cut = split.index[(split["subset"] == "train") & (split["label"] == 0)][:4]
+    split = split.drop(cut).reset_index(drop=True)
+    train_labels = split.loc[split["subset"] == "train", "label"].to_numpy()
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=train_labels)
+    assert expected.max() > 2 * expected.min()
+    calls: list[dict] = []
+    monkeypatch.setattr(phases, "fit", _recording(phases.fit, calls))
+    monkeypatch.setattr(phases, "fit_linear_probe", _recording(phases.fit_linear_probe, calls))
+    for streamed in (False, True):
+        out = tmp_path / ("streamed" if streamed else "cached")
+        params = tiny_params(
+            train_transfer={"class_weights": "balanced", "mixup": 0.4},
+            finetune={
+                "class_weights": "balanced",
+                "mixup": 0.2,
+                **({"input": "images", "cutmix": 1.0} if streamed else {}),
+            },
+        )
+        features.extract_features(params, split, out / "embeddings", out / "activations")
+        first = train_transfer(params, out / "embeddings", out / "t.pt", out / "t.csv")
+        second = finetune(
+            params, out / "activations", out / "t.pt", out / "f.pt", out / "f.csv", split
+        )
+        for result in (first, second):
+            assert all(np.isfinite([row.train_loss, row.val_loss]).all() for row in result.history)
+    assert [call["mixing"] for call in calls] == [
+        Mixing(0.4),
+        Mixing(0.2),
+        Mixing(0.4),
+        Mixing(0.2, 1.0),
+    ]
+    probe = tiny_params(
+        model={"dense_units": []}, train_transfer={"solver": "lbfgs", "class_weights": "balanced"}
+    )
+    train_transfer(probe, tmp_path / "cached" / "embeddings", tmp_path / "p.pt", tmp_path / "p.csv")
+    assert len(calls) == 5
+    for call in calls:
+        assert call["class_weights"].tolist() == pytest.approx(expected.tolist(), rel=1e-6)

@@ -10,6 +10,7 @@ from torch import nn
 from tests.helpers import PROJECT
 from tests.test_train import separable_embeddings, tiny_network
 from twophase.batches import array_batches
+from twophase.mixing import Mixing
 from twophase.model import build_head
 from twophase.network import discriminative_groups
 from twophase.optim import lr_factor
@@ -103,21 +104,26 @@ def test_each_optimizer_trains(optimizer: str) -> None:
     assert result.best_val_loss < before
 
 
-def test_label_smoothing_changes_the_training_loss_not_the_validation_loss() -> None:
+LOSS_SETTINGS = {
+    "label_smoothing": ({"label_smoothing": 0.2}, {}),
+    "class_weights": ({}, {"class_weights": torch.tensor([3.0, 1.0, 0.2])}),
+    "mixup": ({}, {"mixing": Mixing(mixup=0.4)}),
+}
+
+
+@pytest.mark.parametrize("setting", list(LOSS_SETTINGS))
+def test_a_loss_setting_changes_the_training_loss_not_the_validation_loss(setting: str) -> None:
     x, y = separable_embeddings(64)
-    runs = {}
-    for smoothing in (0.0, 0.2):
+    runs = []
+    for phase_values, fit_values in (({}, {}), LOSS_SETTINGS[setting]):
         torch.manual_seed(0)
         head = build_head(8, [16], 0.0, 3)
-        runs[smoothing] = fit(
-            head,
-            (array_batches(x, y, 64), array_batches(x, y, 64)),
-            PhaseParams(lr=1e-9, label_smoothing=smoothing, epochs=1, patience=1),
-            device=CPU,
-        )
-    plain, smooth = runs[0.0].history[0], runs[0.2].history[0]
-    assert smooth.train_loss != pytest.approx(plain.train_loss, abs=1e-4)
-    assert smooth.val_loss == pytest.approx(plain.val_loss, abs=1e-6)
+        phase = PhaseParams(lr=1e-9, epochs=1, patience=1, **phase_values)
+        batches = (array_batches(x, y, 64), array_batches(x, y, 64))
+        runs.append(fit(head, batches, phase, device=CPU, **fit_values))
+    plain, changed = runs[0].history[0], runs[1].history[0]
+    assert changed.train_loss != pytest.approx(plain.train_loss, abs=1e-4)
+    assert changed.val_loss == pytest.approx(plain.val_loss, abs=1e-6)
 
 
 def test_discriminative_lrs_give_earlier_blocks_smaller_lrs() -> None:

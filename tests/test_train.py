@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import threading
 
 import numpy as np
 import pytest
@@ -12,13 +14,22 @@ from torch import nn
 from tests.helpers import make_imagefolder
 from twophase import cache
 from twophase.backbones import describe
-from twophase.batches import ArrayBatches, BatchOrder, array_batches
+from twophase.batches import ArrayBatches, BatchOrder, array_batches, slice_start
+from twophase.distributed import SINGLE
 from twophase.features import extract
 from twophase.images import ImageBatches, ImageDataset
+from twophase.mixing import Mixing
 from twophase.model import Preprocessing, build_head, build_model, classifier_in_features
 from twophase.network import FrozenTrunk, Streamed, Tail, set_trainable
-from twophase.params import PhaseParams
-from twophase.train import NonFiniteLossError, fit, run_epoch
+from twophase.params import ParamsError, PhaseParams
+from twophase.train import (
+    NonFiniteLossError,
+    balanced_class_weights,
+    fit,
+    fit_linear_probe,
+    run_epoch,
+    training_loss,
+)
 
 CPU = torch.device("cpu")
 
@@ -60,6 +71,198 @@ def test_one_process_steps_on_torchs_mean_cross_entropy_bit_for_bit() -> None:
     expected = nn.functional.cross_entropy(twin(x), y, label_smoothing=0.1)
     expected.backward()
     assert loss == expected.item() * 10 / 10
+    for got, want in zip(capture.grads, [p.grad for p in twin.parameters()], strict=True):
+        assert torch.equal(got, want)
+
+
+class Capture:
+    """An optimizer that keeps the gradients of its step and takes none."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.grads = model, []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.grads = [p.grad.clone() for p in self.model.parameters()]
+
+
+def test_one_process_steps_on_torchs_class_weighted_cross_entropy_bit_for_bit() -> None:
+    """With class weights the loss of one process is F.cross_entropy(weight=, label_smoothing=)
+    itself: the weighted mean, divided by the sum of the weights of the batch's labels."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(10, 4), torch.tensor([0, 1, 2, 2, 2, 1, 0, 2, 2, 1])
+    weights = torch.tensor([1.75, 0.5, 3.0])
+    capture = Capture(model)
+    loss, _ = run_epoch(
+        model, [(x, y)], CPU, optimizer=capture, label_smoothing=0.1, class_weights=weights
+    )
+    expected = nn.functional.cross_entropy(twin(x), y, weight=weights, label_smoothing=0.1)
+    expected.backward()
+    assert loss == expected.item() * 10 / 10
+    for got, want in zip(capture.grads, [p.grad for p in twin.parameters()], strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_class_weights_give_the_loss_computed_by_hand(eps: float) -> None:
+    """sum_i [(1 - eps) w_y(i) (-log p_i,y(i)) + eps / C sum_c w_c (-log p_ic)] / sum_i w_y(i)."""
+    logits = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0]]
+    labels, w = [0, 2, 2], [1.0, 2.0, 4.0]
+    total = 0.0
+    for row, y in zip(logits, labels, strict=True):
+        nll = [math.log(sum(math.exp(v) for v in row)) - v for v in row]
+        smooth = sum(wc * n for wc, n in zip(w, nll, strict=True))
+        total += (1 - eps) * w[y] * nll[y] + eps / 3 * smooth
+    expected = total / (w[0] + w[2] + w[2])
+    got = training_loss(torch.tensor(logits), torch.tensor(labels), eps, torch.tensor(w))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    unweighted = training_loss(torch.tensor(logits), torch.tensor(labels), eps)
+    assert unweighted.item() != pytest.approx(expected, rel=1e-3), "the weights change it"
+    model = nn.Linear(3, 3)  # run_epoch reports the same loss for a batch passed through
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+        model.bias.zero_()
+    loss, _ = run_epoch(
+        model,
+        [(torch.tensor(logits), torch.tensor(labels))],
+        CPU,
+        optimizer=Capture(model),
+        label_smoothing=eps,
+        class_weights=torch.tensor(w),
+    )
+    assert loss == pytest.approx(expected, rel=1e-6)
+    validation, _ = run_epoch(
+        model, [(torch.tensor(logits), torch.tensor(labels))], CPU, class_weights=torch.tensor(w)
+    )
+    assert validation == pytest.approx(training_loss(torch.tensor(logits), torch.tensor(labels)))
+
+
+def test_balanced_class_weights_are_scikit_learns() -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([0, 0, 0, 1, 2, 2, 2, 2, 2, 1, 0, 3])
+    names = ["a", "b", "c", "d"]
+    expected = compute_class_weight("balanced", classes=np.arange(4), y=labels)
+    got = balanced_class_weights(labels, names)
+    assert got.dtype == torch.float32
+    assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-7)
+    assert got.tolist() == pytest.approx([12 / (4 * 4), 12 / (4 * 2), 12 / (4 * 5), 12 / 4])
+    with pytest.raises(ParamsError, match=r"^finetune.class_weights: balanced .* class 'd' has"):
+        balanced_class_weights(labels[labels < 3], names, "finetune.class_weights")
+
+
+class ThreadRank:
+    """A rank of an in-process world: `sum` adds every rank's values, as all_reduce does."""
+
+    def __init__(self, rank: int, size: int, barrier: threading.Barrier, slots: list) -> None:
+        self.rank, self.size, self.barrier, self.slots = rank, size, barrier, slots
+
+    def sum(self, *values: float) -> list[float]:
+        self.slots[self.rank] = values
+        self.barrier.wait()
+        total = [sum(v[i] for v in self.slots) for i in range(len(values))]
+        self.barrier.wait()
+        return total
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_with_class_weights_step_on_the_global_batchs_weighted_mean(ranks: int) -> None:
+    """DDP averages the ranks' gradients: with each rank's weighted mean scaled by its share of
+    the global batch's weights, the average is one process's step on the whole batch. Seven
+    rows, then two (one rank's slice empty with three ranks)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(9, 4), torch.tensor([0, 2, 2, 1, 2, 0, 2, 1, 2])
+    weights = torch.tensor([1.75, 0.5, 3.0])
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+
+    def steps_of(rank: int, size: int, world: object) -> tuple[list[list[torch.Tensor]], float]:
+        """The gradients of each step of `rank` and the epoch's loss it reports."""
+        twin = copy.deepcopy(model)
+        steps: list[list[torch.Tensor]] = []
+
+        class Keep(Capture):
+            def step(self) -> None:
+                steps.append([p.grad.clone() for p in twin.parameters()])
+
+        def mine(rows: torch.Tensor) -> torch.Tensor:
+            return rows[slice_start(len(rows), rank, size) : slice_start(len(rows), rank + 1, size)]
+
+        loss, _ = run_epoch(
+            twin,
+            [(mine(bx), mine(by)) for bx, by in batches],
+            CPU,
+            optimizer=Keep(twin),
+            label_smoothing=0.1,
+            world=world,  # type: ignore[arg-type]
+            class_weights=weights,
+        )
+        return steps, loss
+
+    one_steps, one_loss = steps_of(0, 1, SINGLE)
+    barrier, slots = threading.Barrier(ranks), [None] * ranks
+    results: dict[int, tuple[list[list[torch.Tensor]], float]] = {}
+
+    def run(rank: int) -> None:
+        results[rank] = steps_of(rank, ranks, ThreadRank(rank, ranks, barrier, slots))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == ranks
+    for step, one in enumerate(one_steps):
+        average = [sum(results[r][0][step][k] for r in range(ranks)) / ranks for k in range(2)]
+        for got, want in zip(average, one, strict=True):
+            assert torch.allclose(got, want, atol=1e-6), step
+    for rank in range(ranks):
+        assert results[rank][1] == pytest.approx(one_loss, rel=1e-6)
+
+
+def test_the_linear_probe_minimises_the_class_weighted_loss() -> None:
+    """At the probe's solution the gradient of the weighted loss (plus its L2 penalty) vanishes,
+    that of the unweighted one does not; the history's training loss is the weighted one."""
+    x, y = noise_embeddings(90, seed=2)  # no separating plane: the weights move the optimum
+    weights = torch.tensor([4.0, 1.0, 0.5])
+    head = nn.Sequential(nn.Linear(8, 3))
+    result = fit_linear_probe(head, (x, y), (x, y), CPU, class_weights=weights)
+    linear = head[0]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def gradient_norm(weight: torch.Tensor | None) -> float:
+        linear.zero_grad()
+        penalty = 0.5 * result.l2 * linear.weight.square().sum()
+        (nn.functional.cross_entropy(linear(xt), yt, weight=weight) + penalty).backward()
+        return float(torch.cat([p.grad.flatten() for p in linear.parameters()]).norm())
+
+    weighted_gradient = gradient_norm(weights)
+    assert weighted_gradient < 1e-4
+    assert gradient_norm(None) > 100 * weighted_gradient
+    with torch.no_grad():
+        weighted = nn.functional.cross_entropy(linear(xt), yt, weight=weights)
+    assert result.history[0].train_loss == pytest.approx(float(weighted), rel=1e-6)
+
+
+def test_with_mixing_off_the_step_draws_nothing_and_is_torchs_own() -> None:
+    """Default params (no class weights, alphas 0) take torch's plain loss and no random draw."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    capture = Capture(model)
+    loss, _ = run_epoch(model, [(x, y)], CPU, optimizer=capture, mixing=Mixing(0.0, 0.0))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
+    expected = nn.functional.cross_entropy(twin(x), y)
+    expected.backward()
+    assert loss == expected.item()
     for got, want in zip(capture.grads, [p.grad for p in twin.parameters()], strict=True):
         assert torch.equal(got, want)
 

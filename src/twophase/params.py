@@ -40,6 +40,7 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 AUGMENTATIONS = ("random_resized_crop", "horizontal_flip", "color_jitter", "trivial_augment")
 FINETUNE_INPUTS = ("cached", "images")
 SHUFFLES = ("full", "blocks")
+CLASS_WEIGHTS = ("none", "balanced")
 # Params that change how fast a stage runs, never what it writes: no stage depends on them.
 SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers", "compute")
 
@@ -159,6 +160,8 @@ class PhaseParams:
     schedule: str = "constant"
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    class_weights: str = "none"  # balanced: each class weighs n / (classes * its count)
+    mixup: float = 0.0  # MixUp's alpha (0: off): inputs and targets mixed, lam ~ Beta(a, a)
 
     def _validate(self, section: str, min_epochs: int = 1) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"{section}.lr", self.lr, "a number > 0")
@@ -202,6 +205,8 @@ class PhaseParams:
             self.label_smoothing,
             "a number in [0, 1)",
         )
+        _check_choice(f"{section}.class_weights", self.class_weights, CLASS_WEIGHTS)
+        _check_alpha(f"{section}.mixup", self.mixup)
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,12 @@ class TransferParams(PhaseParams):
     def __post_init__(self) -> None:
         self._validate("train_transfer")
         _check_choice("train_transfer.solver", self.solver, SOLVERS)
+        if self.solver == "lbfgs" and self.mixup > 0:
+            raise ParamsError(
+                f"train_transfer.mixup: {self.mixup!r} mixes minibatches, but the L-BFGS probe "
+                "(train_transfer.solver: lbfgs) fits the whole training set at once: set "
+                "train_transfer.mixup: 0 or train_transfer.solver: sgd"
+            )
 
 
 @dataclass(frozen=True)
@@ -222,6 +233,7 @@ class FinetuneParams(PhaseParams):
     lr_decay: float = 1.0  # each earlier unfrozen block: lr * lr_decay**k (the head: lr)
     input: str = "cached"  # images: the training split streamed, freshly augmented each epoch
     shuffle: str = "full"  # blocks: shuffled among 8 blocks of a batch at a time (huge caches)
+    cutmix: float = 0.0  # CutMix's alpha (0: off): a box of another image pasted in; images only
 
     def __post_init__(self) -> None:
         self._validate("finetune", min_epochs=0)  # 0: phase 1 alone, e.g. to diff the phases
@@ -230,6 +242,13 @@ class FinetuneParams(PhaseParams):
         check_unfreeze(self.unfreeze)
         _check_choice("finetune.batchnorm", self.batchnorm, BATCHNORM_MODES)
         _check(0 < self.lr_decay <= 1, "finetune.lr_decay", self.lr_decay, "a number in (0, 1]")
+        _check_alpha("finetune.cutmix", self.cutmix)
+        if self.cutmix > 0 and self.input != "images":
+            raise ParamsError(
+                f"finetune.cutmix: {self.cutmix!r} pastes boxes of images, but finetune.input is "
+                f"{self.input!r}: set finetune.input: images (cached activations take "
+                "finetune.mixup)"
+            )
 
 
 @dataclass(frozen=True)
@@ -279,6 +298,11 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
 
 def _check_choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
     _check(value in choices, key, value, "one of " + ", ".join(choices))
+
+
+def _check_alpha(key: str, value: float) -> None:
+    """A Beta distribution's alpha for MixUp or CutMix: 0 (off) or more."""
+    _check(value >= 0 and math.isfinite(value), key, value, "a number >= 0 (0: off)")
 
 
 class _Yaml12FloatLoader(yaml.SafeLoader):

@@ -33,11 +33,12 @@ from twophase.checkpoint import load_checkpoint, preprocessing_of, save_checkpoi
 from twophase.distributed import SINGLE, World, global_batchnorm
 from twophase.images import DrawOrder, ImageBatches, ImageDataset
 from twophase.io import atomic_path
+from twophase.mixing import Mixing
 from twophase.model import build_head
 from twophase.network import Streamed, Tail, discriminative_groups, resolve_cut, set_trainable
-from twophase.params import FinetuneParams, Params, ParamsError
+from twophase.params import FinetuneParams, Params, ParamsError, PhaseParams
 from twophase.runtime import autocast_dtype, seed_everything
-from twophase.train import EpochStats, FitResult, fit, fit_linear_probe
+from twophase.train import EpochStats, FitResult, balanced_class_weights, fit, fit_linear_probe
 
 if TYPE_CHECKING:  # pandas: only for type hints, the training stages never import it
     import pandas as pd
@@ -59,6 +60,15 @@ def _csv_value(value: float) -> str:
     if isinstance(value, int):
         return str(value)
     return str(float(np.round(value, 6)))
+
+
+def class_weights(
+    phase: PhaseParams, section: str, labels: np.ndarray, class_names: list[str]
+) -> torch.Tensor | None:
+    """The phase's class weights from its whole training label array, or None (unweighted)."""
+    if phase.class_weights == "none":
+        return None
+    return balanced_class_weights(labels, class_names, f"{section}.class_weights")
 
 
 def train_transfer(
@@ -85,8 +95,9 @@ def train_transfer(
         len(meta["class_names"]),
     )
     phase = params.train_transfer
+    weights = class_weights(phase, "train_transfer", train[1], meta["class_names"])
     if phase.solver == "lbfgs":  # a linear probe: full-batch L-BFGS, L2 chosen on val
-        result = fit_linear_probe(head, train, val, device, seed=params.seed)
+        result = fit_linear_probe(head, train, val, device, seed=params.seed, class_weights=weights)
         if world.is_main:
             write_history(result.history, history_path)
     else:
@@ -103,6 +114,8 @@ def train_transfer(
             amp_dtype=autocast_dtype(device, params.precision),
             seed=params.seed,
             desc="train_transfer",
+            class_weights=weights,
+            mixing=Mixing(phase.mixup),
         )
         if world.is_main:
             write_history(result.history, history_path)
@@ -183,7 +196,8 @@ def finetune(
                 raise ValueError("finetune.input: images needs the split")
             model_in_training = Streamed(tail)
             train_batches: Batches = streamed_batches(params, split, start, world)
-            rows = int((split["subset"] == "train").sum())
+            train_labels = split.loc[split["subset"] == "train", "label"].to_numpy()
+            rows = len(train_labels)
         elif meta.get("train_streamed"):
             raise FeatureCacheError(
                 f"finetune.input is cached but {activations_dir} holds no training activations "
@@ -191,8 +205,10 @@ def finetune(
             )
         else:
             train_batches = cached_batches(params, activations_dir, nhwc, device, world)
-            rows = len(train_batches.labels)
+            train_labels = np.asarray(train_batches.labels)
+            rows = len(train_labels)
         sharded = partial(batches, rank=world.rank, ranks=world.size)
+        weights = class_weights(phase, "finetune", train_labels, meta["class_names"])
         try:
             result = fit(
                 model_in_training,
@@ -206,6 +222,8 @@ def finetune(
                 start_epoch=start["last_epoch"],
                 val_model=tail,
                 desc="finetune",
+                class_weights=weights,
+                mixing=Mixing(phase.mixup, phase.cutmix),
             )
         except ValueError as err:
             raise last_batch_error(phase, rows, err) from None

@@ -23,9 +23,10 @@ from twophase.batches import Batches, slice_start
 from twophase.distributed import SINGLE, World
 from twophase.dropout import keyed, keyed_dropouts
 from twophase.errors import TwophaseError
+from twophase.mixing import Mix, Mixing
 from twophase.network import ParamGroups, trainable_parameters
 from twophase.optim import Optimizer, decay_exempt, make_optimizer, set_epoch_lr
-from twophase.params import PhaseParams
+from twophase.params import ParamsError, PhaseParams
 from twophase.runtime import autocast, to_device
 
 
@@ -88,6 +89,43 @@ class FitResult:
         return [asdict(stats) for stats in self.history]
 
 
+def balanced_class_weights(
+    labels: np.ndarray, class_names: list[str], key: str = "class_weights"
+) -> torch.Tensor:
+    """scikit-learn's "balanced" class weights, n_samples / (n_classes * count of the class),
+    from a phase's whole training label array (every DDP rank passes all of it, so every rank
+    weighs the classes alike). A class without training rows has no such weight: an error."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
+    for name, count in zip(class_names, counts, strict=True):
+        if count == 0:
+            raise ParamsError(
+                f"{key}: balanced weighs each class by its training rows, but class {name!r} "
+                "has none; set it to none"
+            )
+    return torch.as_tensor(len(labels) / (len(class_names) * counts), dtype=torch.float32)
+
+
+def training_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
+    mix: Mix | None = None,
+) -> torch.Tensor:
+    """A batch's training loss: sum_i sum_c w_c t_ic (-log p_ic) / sum_i w_(y_i), where t is a
+    row's target (its label smoothed, and with `mix`, mixed with its partner's) and w the class
+    weights (all 1 without). Without `mix` this is F.cross_entropy(weight=, label_smoothing=)
+    itself; with it, torch's denominator still holds: the partners are a permutation of the
+    batch's own rows, so sum_i (lam w_(y_i) + (1 - lam) w_(y_perm(i))) = sum_i w_(y_i)."""
+    if mix is None:
+        return nn.functional.cross_entropy(
+            logits, labels, weight=class_weights, label_smoothing=smoothing
+        )
+    targets = mix.targets(labels, logits.shape[1], smoothing)
+    total = nn.functional.cross_entropy(logits, targets, weight=class_weights, reduction="sum")
+    return total / (len(labels) if class_weights is None else class_weights[labels].sum())
+
+
 def run_epoch(
     model: nn.Module,
     batches: Batches,
@@ -99,31 +137,54 @@ def run_epoch(
     world: World = SINGLE,
     seed: int = 0,
     epoch: int = 0,
+    *,
+    class_weights: torch.Tensor | None = None,
+    mixing: Mixing | None = None,
 ) -> tuple[float, float]:
     """One pass over `batches`; trains when an optimizer is given. Returns (mean loss, accuracy)
-    over every rank's batches. Dropout masks are drawn from (seed, epoch, step, global row)."""
+    over every rank's batches. Dropout masks are drawn from (seed, epoch, step, global row).
+
+    Training only, like `label_smoothing`: `class_weights` (one per class, on `device`) weigh
+    the loss, `mixing` mixes each batch (mixing.py) from (seed, epoch, step); the accuracy of
+    a mixed batch counts each prediction against its target's larger share."""
     training = optimizer is not None
     model.train(training)
     loss_sum, correct, seen = 0.0, 0, 0
     smoothing = label_smoothing if training else 0.0
+    weights = class_weights if training else None
+    mixes = mixing if training and mixing is not None and mixing.active else None
     with torch.set_grad_enabled(training):
         for step, (inputs, labels) in enumerate(batches):
             inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True)
             # the global batch: every rank's slice of it (validation needs no count: its
-            # loss takes no step and draws no dropout)
-            rows = int(world.sum(len(labels))[0]) if training else len(labels) * world.size
+            # loss takes no step and draws no dropout); with class weights, also the sum of
+            # the weights of its labels, the denominator of its weighted mean loss
+            if weights is not None:
+                own_weight = float(weights[labels].sum())
+                count, global_weight = world.sum(len(labels), own_weight)
+                rows = int(count)
+            else:
+                rows = int(world.sum(len(labels))[0]) if training else len(labels) * world.size
             offset = slice_start(rows, world.rank, world.size)
+            mix = None
+            if mixes is not None and len(labels):
+                shape = tuple(inputs.shape[1:])
+                mix = mixes.draw(len(labels), shape, seed, epoch, step, world.rank, device)
+                inputs = mix.inputs(inputs)
             with autocast(device, amp_dtype), keyed(seed, epoch, step, offset):
                 logits = model(inputs)
             # This rank's mean loss, weighted by its share of the global batch: DDP averages the
             # ranks' gradients, which makes the step the global batch's mean loss's, as in one
             # process, where the weight is exactly 1. A rank's empty slice weighs nothing.
+            # With class weights the mean is weighted (divided by the sum of its labels'
+            # weights), and so is the share: the rank's sum of weights over the global one.
             if len(labels):
-                share = len(labels) * world.size / rows
-                mean = nn.functional.cross_entropy(
-                    logits.float(), labels, label_smoothing=smoothing
-                )
+                if weights is not None:
+                    share = own_weight * world.size / global_weight
+                else:
+                    share = len(labels) * world.size / rows
+                mean = training_loss(logits.float(), labels, smoothing, weights, mix)
                 loss = mean * share
             else:
                 loss = logits.sum() * 0.0
@@ -137,7 +198,8 @@ def run_epoch(
                     loss.backward()  # type: ignore[no-untyped-call]
                     optimizer.step()
             loss_sum += loss.item() * rows / world.size
-            correct += int((logits.argmax(dim=1) == labels).sum())
+            truth = labels if mix is None else mix.dominant(labels)
+            correct += int((logits.argmax(dim=1) == truth).sum())
             seen += len(labels)
     loss_sum, total_correct, total_seen = world.sum(loss_sum, correct, seen)
     correct, seen = int(total_correct), int(total_seen)
@@ -159,6 +221,8 @@ def fit(
     start_epoch: int | None = None,
     val_model: nn.Module | None = None,
     desc: str = "train",
+    class_weights: torch.Tensor | None = None,
+    mixing: Mixing | None = None,
 ) -> FitResult:
     """Train on `batches` (training, validation) as `phase` says: its optimizer, LR schedule and
     label smoothing, for `phase.epochs` or until `phase.patience` epochs bring no better val
@@ -173,6 +237,8 @@ def fit(
     the statistics, hence early stopping, are the same on every rank; only rank 0 reports.
     Dropout layers are made keyed (dropout.py): their masks are functions of (`seed`, epoch,
     step, global row), so one process and N processes train the same network.
+    `class_weights` (one per class) weigh the training loss and `mixing` mixes the training
+    batches (`run_epoch`); the validation loss, which early stopping reads, stays plain.
     """
     train_batches, val_batches = batches
     val_model = val_model or model
@@ -187,6 +253,7 @@ def fit(
     optimizer = make_optimizer(params, phase, scales, decay_exempt(model))
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    weights = None if class_weights is None else class_weights.to(device)
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     start = time.perf_counter()
@@ -239,6 +306,8 @@ def fit(
             world,
             seed,
             epoch,
+            class_weights=weights,
+            mixing=mixing,
         )
         val_loss, val_acc = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
         improved = record(EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr))
@@ -262,9 +331,12 @@ def fit_linear_probe(
     device: torch.device,
     seed: int = 0,
     max_iter: int = 200,
+    class_weights: torch.Tensor | None = None,
 ) -> FitResult:
     """A linear head by full-batch L-BFGS on the cached embeddings, for each L2 penalty in
-    `L2_GRID`; the one with the lowest validation loss is kept (Kornblith et al.'s protocol)."""
+    `L2_GRID`; the one with the lowest validation loss is kept (Kornblith et al.'s protocol).
+    `class_weights` weigh the training loss (a weighted mean, as F.cross_entropy's `weight`);
+    the validation loss that picks the penalty stays plain."""
     linear = head[-1]
     if len(head) != 1 or not isinstance(linear, nn.Linear):
         raise TwophaseError(
@@ -272,6 +344,7 @@ def fit_linear_probe(
         )
     x, y = (torch.as_tensor(np.asarray(a)).to(device) for a in train)
     vx, vy = (torch.as_tensor(np.asarray(a)).to(device) for a in val)
+    weights = None if class_weights is None else class_weights.to(device)
     start = time.perf_counter()
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
@@ -286,7 +359,7 @@ def fit_linear_probe(
         def closure(optimizer: torch.optim.Optimizer = optimizer, l2: float = l2) -> torch.Tensor:
             optimizer.zero_grad()
             penalty = 0.5 * l2 * linear.weight.square().sum()
-            loss = nn.functional.cross_entropy(linear(x), y) + penalty
+            loss = nn.functional.cross_entropy(linear(x), y, weight=weights) + penalty
             loss.backward()  # type: ignore[no-untyped-call]
             return loss
 
@@ -297,7 +370,7 @@ def fit_linear_probe(
         if math.isfinite(val_loss) and val_loss < result.best_val_loss:
             result.best_val_loss, result.l2, result.best_epoch = val_loss, l2, 1
             result.best_val_acc = float((val_logits.argmax(1) == vy).float().mean())
-            train_loss = float(nn.functional.cross_entropy(logits, y))
+            train_loss = float(nn.functional.cross_entropy(logits, y, weight=weights))
             train_acc = float((logits.argmax(1) == y).float().mean())
             best_state = {k: v.detach().clone() for k, v in linear.state_dict().items()}
     if best_state is None:
