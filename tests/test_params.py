@@ -76,6 +76,17 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
         ({"finetune": {"cutmix": 1.0}}, r"finetune.cutmix: 1.0 pastes .* finetune.input: images"),
         ({"train_transfer": {"cutmix": 1.0}}, r"train_transfer.cutmix: unknown key"),
         (
+            {"finetune": {"mixup": 0.2}, "compute": {"nproc": 2}},
+            r"finetune.mixup: 0.2 pairs the rows of one process's batch, so 2 processes",
+        ),
+        (
+            {
+                "train_transfer": {"mixup": 0.4},
+                "compute": {"nnodes": 2, "rdzv_endpoint": "n1:29400"},
+            },
+            r"train_transfer.mixup: 0.4 pairs .* mix in one process",
+        ),
+        (
             {"train_transfer": {"mixup": 0.2, "solver": "lbfgs"}, "model": {"dense_units": []}},
             r"train_transfer.mixup: 0.2 mixes minibatches, but the L-BFGS probe",
         ),

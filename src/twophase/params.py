@@ -271,6 +271,22 @@ class Params:
             )
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
+        mixing = [
+            (key, alpha)
+            for key, alpha in (
+                ("train_transfer.mixup", self.train_transfer.mixup),
+                ("finetune.mixup", self.finetune.mixup),
+                ("finetune.cutmix", self.finetune.cutmix),
+            )
+            if alpha > 0
+        ]
+        if mixing and self.compute.processes > 1:
+            key, alpha = mixing[0]
+            raise ParamsError(
+                f"{key}: {alpha!r} pairs the rows of one process's batch, so "
+                f"{self.compute.processes} processes would train another network than one "
+                "(compute is speed only): mix in one process (compute.nproc: 1, nnodes: 1)"
+            )
         if self.features.views and not self.data.augment:
             raise ParamsError(
                 f"features.views: {self.features.views} caches augmented views, but data.augment "
