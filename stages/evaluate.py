@@ -11,6 +11,7 @@ from twophase.stage import run_stage
 
 EMBEDDINGS = Path("data/embeddings")
 ACTIVATIONS = Path("data/activations")
+TTA = Path("data/tta")
 SPLIT = Path("data/split.csv")
 CHECKPOINTS = {"transfer": Path("models/transfer.pt"), "finetune": Path("models/finetune.pt")}
 METRICS = Path("metrics/evaluate.json")
@@ -20,8 +21,10 @@ PLOTS = Path("plots/evaluate")
 def main() -> None:
     params = load_params()
     split = read_index(SPLIT)
-    summary = evaluate(params, EMBEDDINGS, ACTIVATIONS, split, CHECKPOINTS, METRICS, PLOTS)
-    for phase in CHECKPOINTS:
+    summary = evaluate(params, EMBEDDINGS, ACTIVATIONS, split, CHECKPOINTS, METRICS, PLOTS, TTA)
+    for phase in ("transfer", "finetune", "transfer_tta", "finetune_tta"):
+        if phase not in summary:  # the *_tta scores, only with evaluate.tta
+            continue
         scores = summary[phase]
         print(f"{phase}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1_macro']:.4f}")
 

@@ -13,12 +13,13 @@ from twophase.stage import run_stage
 SPLIT = Path("data/split.csv")
 EMBEDDINGS = Path("data/embeddings")
 ACTIVATIONS = Path("data/activations")
+TTA = Path("data/tta")
 
 
 def main() -> None:
     params = load_params()
     world = setup(params.device)
-    meta = extract_features(params, read_index(SPLIT), EMBEDDINGS, ACTIVATIONS, world)
+    meta = extract_features(params, read_index(SPLIT), EMBEDDINGS, ACTIVATIONS, world, TTA)
     teardown()
     if not world.is_main:
         return
@@ -26,6 +27,8 @@ def main() -> None:
     print(
         f"cached the input of {meta['cut'] or 'the network (every block trains)'} -> {ACTIVATIONS}"
     )
+    if params.evaluate.tta == "flip":
+        print(f"cached both of them on the mirrored val and test images -> {TTA}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main() -> None:
 
 def run(split: pd.DataFrame, out: Path, params: Params) -> None:
     world = setup(params.device)
-    extract_features(params, split, out / "embeddings", out / "activations", world)
+    extract_features(params, split, out / "embeddings", out / "activations", world, out / "tta")
     train_transfer(params, out / "embeddings", out / "t.pt", out / "t.csv", world)
     world.barrier()  # separate stages in the pipeline: phase 2 reads what rank 0 wrote
     finetune(params, out / "activations", out / "t.pt", out / "f.pt", out / "f.csv", split, world)
@@ -50,6 +50,7 @@ def run(split: pd.DataFrame, out: Path, params: Params) -> None:
             checkpoints,
             out / "evaluate.json",
             out / "evaluate",
+            out / "tta",
         )
 
 

@@ -44,7 +44,8 @@ def _with(raw: dict, section: str, **values: object) -> dict:
     return {**raw, section: {**raw.get(section, {}), **values}}
 
 
-STREAMED = _with(RAW, "finetune", input="images")
+# streamed phase 2, and test-time augmentation's cache of the mirrored val and test images
+STREAMED = _with(_with(RAW, "finetune", input="images"), "evaluate", tta="flip")
 BATCHNORM = _with(RAW, "finetune", batchnorm="train")
 # name: (params, processes, the run it must equal)
 MATRIX = {
@@ -92,7 +93,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _cache_files(run: Path) -> list[str]:
-    return sorted(p.relative_to(run).as_posix() for p in run.glob("*ings/*") if p.is_file())
+    files = [*run.glob("*ings/*"), *run.glob("activations/*"), *run.glob("tta/*")]
+    return sorted(p.relative_to(run).as_posix() for p in files if p.is_file())
 
 
 # The trunk's convolutions pick their kernels by batch size, which sums in another order: the

@@ -36,7 +36,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_writes_every_declared_output(repo: Path) -> None:
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(evaluation) == {"test_images", "transfer", "finetune", "delta"}
+    assert set(evaluation) == {"test_images", "transfer", "finetune", "delta", "most_confused"}
+    assert set(evaluation["most_confused"]) == {"transfer", "finetune"}
     assert evaluation["test_images"] == 450
     for phase in ("train_transfer", "finetune"):
         summary = json.loads((repo / f"metrics/{phase}.json").read_text())
@@ -147,6 +148,36 @@ def test_augmented_views_and_streamed_phase_two_through_dvc(repo: Path) -> None:
     assert reached == REACHES["train_transfer.lr=0.002"] and "features" not in reached
     run(repo, "git", "checkout", "-q", "--", ".")
     run(repo, "dvc", "checkout", "-q")
+
+
+def test_tta_reruns_the_features_and_evaluate_never_the_phases(repo: Path) -> None:
+    """evaluate.tta: flip adds data/tta and leaves the phases' inputs byte for byte as they were,
+    so neither phase reruns; the plain scores stay, the TTA ones join them; a later change of
+    a phase reruns no trunk."""
+    run(repo, "git", "checkout", "-q", "--", ".")
+    run(repo, "dvc", "checkout", "-q")
+    inputs = [p for name in ("embeddings", "activations") for p in (repo / "data" / name).iterdir()]
+    before = {path: path.read_bytes() for path in inputs}
+    plain = json.loads((repo / "metrics/evaluate.json").read_text())
+    try:
+        output = run(repo, "dvc", "exp", "run", "-S", "evaluate.tta=flip")
+        assert ran(output) == {"validate", "features", "evaluate", "report"}, output[-2000:]
+        for phase in ("train_transfer", "finetune", "export"):
+            assert f"Stage '{phase}' didn't change, skipping" in output, phase
+        for path, content in before.items():
+            assert path.read_bytes() == content, path
+        assert (repo / "data/tta/test_flip_embeddings.npy").is_file()
+        assert (repo / "data/tta/test_flip_activations.npy").is_file()
+        evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+        for key in ("test_images", "transfer", "finetune", "delta"):
+            assert evaluation[key] == plain[key], key
+        assert {"transfer_tta", "finetune_tta", "delta_tta"} <= set(evaluation)
+        assert "accuracy (TTA)" in (repo / "plots/report.md").read_text()
+        output = run(repo, "dvc", "exp", "run", "-S", "finetune.lr=3e-5")
+        assert ran(output) == {"validate", "finetune", "evaluate", "export", "report"}, output
+    finally:
+        run(repo, "git", "checkout", "-q", "--", ".")
+        run(repo, "dvc", "checkout", "-q")
 
 
 def test_speed_only_params_rerun_nothing(repo: Path) -> None:

@@ -96,6 +96,7 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
         ({"train_transfer": {"epochs": "ten"}}, r"train_transfer.epochs: expected an integer"),
         ({"finetune": {"lr": True}}, r"finetune.lr: expected a number"),
         ({"device": "tpu"}, r"device: 'tpu'"),
+        ({"evaluate": {"tta": "crops"}}, r"evaluate.tta: 'crops' is not allowed; expected one of"),
         ({"finetune": 3}, r"finetune: expected a mapping"),
     ],
 )

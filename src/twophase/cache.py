@@ -1,5 +1,5 @@
 """The feature cache: two folders of .npy files, written by the features stage, read by both phases
-and by evaluation.
+and by evaluation (and a third, for test-time augmentation, read by evaluation alone).
 
 Two folders, two DVC outputs, so that phase 1 depends only on what it reads:
 - embeddings (phase 1's input): `<subset>_embeddings.npy`, the pooled backbone output, plus
@@ -12,6 +12,11 @@ Two folders, two DVC outputs, so that phase 1 depends only on what it reads:
 With `features.views: K`, the training split also gets `train_views_embeddings.npy` and
 `train_views_activations.npy`: K augmented views of every training image, view-major
 (K * N rows: view 1 of every image, then view 2, ...); `load_views` reads them as (K, N, ...).
+The TTA folder (data/tta, its own output: the phases never depend on it, and turning test-time
+augmentation on changes no byte of the other two) holds `meta.json` (`tta`: the mode) and, with
+`evaluate.tta: flip`, `<subset>_flip_embeddings.npy` and `<subset>_flip_activations.npy` of the
+val and test splits: the trunk's outputs on the mirrored images (`tta.mirrored`), row for row as
+the plain arrays; `load_flipped` reads them.
 Arrays are appended to their files batch by batch (`CacheWriter`), so memory stays flat as the
 dataset grows, and are read back memory-mapped.
 """
@@ -22,7 +27,7 @@ import io
 import math
 import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -87,8 +92,9 @@ class CacheWriter:
         shapes: tuple[tuple[int, ...], tuple[int, ...]],
         dtype: str,
         world: Ranks,
+        tta: Path | None = None,
     ) -> None:
-        self.embeddings, self.activations = embeddings, activations
+        self.embeddings, self.activations, self.tta = embeddings, activations, tta
         self.act_shape, self.emb_shape = shapes
         self.dtype, self.world = dtype, world
 
@@ -119,6 +125,27 @@ class CacheWriter:
         )
         return act, emb
 
+    def flipped(self, subset: str, rows: int) -> tuple[NpyRows, NpyRows]:
+        """`<subset>_flip_activations.npy` and `<subset>_flip_embeddings.npy` in the TTA folder,
+        of `rows` rows each: the trunk's outputs on the subset's mirrored images."""
+        if self.tta is None:
+            raise ValueError("the cache is written without a TTA folder")
+        act = _shared_npy(
+            self.tta / f"{subset}_flip_activations.npy",
+            self.act_shape,
+            self.dtype,
+            world=self.world,
+            rows=rows,
+        )
+        emb = _shared_npy(
+            self.tta / f"{subset}_flip_embeddings.npy",
+            self.emb_shape,
+            "float32",
+            world=self.world,
+            rows=rows,
+        )
+        return act, emb
+
     def labels(self, subset: str, labels: Sequence[int]) -> None:
         if self.world.is_main:
             for folder in (self.embeddings, self.activations):
@@ -131,6 +158,11 @@ class CacheWriter:
             act_meta = {**activations_meta, "shape": list(self.act_shape), **meta}
             write_json(act_meta, self.activations / "meta.json")
 
+    def tta_meta(self, meta: dict[str, Any]) -> None:
+        """`meta.json` of the TTA folder."""
+        if self.world.is_main and self.tta is not None:
+            write_json(meta, self.tta / "meta.json")
+
 
 @contextmanager
 def writing(
@@ -139,14 +171,17 @@ def writing(
     shapes: tuple[tuple[int, ...], tuple[int, ...]],
     dtype: str,
     world: Ranks,
+    tta_dir: Path | None = None,
 ) -> Iterator[CacheWriter]:
-    """Both cache folders, written atomically: in place once every rank is done, untouched on
-    failure. `shapes`: per-row shapes of (activations, embeddings)."""
+    """Both cache folders (and the TTA folder, given `tta_dir`), written atomically: in place
+    once every rank is done, untouched on failure. `shapes`: per-row shapes of (activations,
+    embeddings)."""
     with (
         shared_atomic_path(embeddings_dir, world) as emb_tmp,
         shared_atomic_path(activations_dir, world) as act_tmp,
+        shared_atomic_path(tta_dir, world) if tta_dir is not None else nullcontext() as tta_tmp,
     ):
-        yield CacheWriter(emb_tmp, act_tmp, shapes, dtype, world)
+        yield CacheWriter(emb_tmp, act_tmp, shapes, dtype, world, tta_tmp)
 
 
 @contextmanager
@@ -300,6 +335,13 @@ def load_views(features_dir: Path, kind: str, in_memory: bool = False) -> np.nda
     views: np.ndarray = np.load(path, mmap_mode=None if in_memory else "r")
     count = int(load_meta(features_dir)["views"])
     return views.reshape(count, len(views) // count, *views.shape[1:])
+
+
+def load_flipped(tta_dir: Path, subset: str, kind: str) -> np.ndarray:
+    """The trunk's outputs on a subset's mirrored images, of `kind` "embeddings" or
+    "activations", memory-mapped, row for row as the plain arrays."""
+    flipped: np.ndarray = np.load(tta_dir / f"{subset}_flip_{kind}.npy", mmap_mode="r")
+    return flipped
 
 
 def load_meta(features_dir: Path) -> dict[str, Any]:

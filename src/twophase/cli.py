@@ -1,6 +1,6 @@
 """The `twophase` command: use a trained checkpoint from the shell.
 
-    twophase predict models/finetune.pt photos/ --out preds.csv
+    twophase predict models/finetune.pt photos/ --out preds.csv [--tta flip]
     twophase export models/finetune.pt --format onnx --out model.onnx
     twophase params
 
@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from twophase.errors import TwophaseError, debugging, fault_line
+
+# params.TTA_MODES (a test checks they agree), spelt here so `--help` imports no yaml
+TTA_MODES = ("none", "flip")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
     )
     predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    predict.add_argument(
+        "--tta",
+        default="none",
+        choices=TTA_MODES,
+        help="test-time augmentation: flip averages the probabilities of each image and its "
+        "mirror, as evaluate.tta does (default: none)",
+    )
 
     export = commands.add_parser(
         "export",
@@ -101,6 +111,7 @@ def _predict(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         batch_size=args.batch_size,
         device=args.device,
+        tta=args.tta,
     )
     if args.out is None:  # the CSV is the output, as Unix tools write it; the summary to stderr
         table.to_csv(sys.stdout, index=False)

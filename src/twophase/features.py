@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from twophase import cache
+from twophase import cache, tta
 from twophase.backbones import ArchError, block_names, describe
 from twophase.batches import BatchOrder
 from twophase.cache import FeatureCacheError, NpyRows
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pandas: imported only where the split is read, never by tra
     import pandas as pd
 
 SUBSETS = ("train", "val", "test")
+FLIPPED_SUBSETS = ("val", "test")  # mirrored too with evaluate.tta: flip (never the training split)
 CACHED_VIEW = 0  # the draw tag of cached views; streamed phase 2 draws with its own tag
 
 
@@ -58,25 +59,40 @@ def extract(
     augment: Sequence[str] = (),
     seed: int = 0,
     train_activations: bool = True,
+    tta_mode: str = "none",
+    tta_dir: Path | None = None,
     world: World = SINGLE,
 ) -> None:
     """Run the frozen trunk over every image once (and over `views` augmented views of every
     training image) and write both cache folders atomically.
 
     `train_activations=False` leaves out the training split's activations (phase 2 streams it).
+    Given `tta_dir`, the TTA folder is written too: with `tta_mode` flip, the trunk also runs
+    over the mirror of every val and test image, decoded once for both passes.
     Under DDP, rank r runs batches r, r + world, ... and writes their rows in place; the
     batches are those of one process, so the files are bitwise the same.
     """
+    if tta_mode != "none" and tta_dir is None:
+        raise ValueError(f"test-time augmentation {tta_mode!r} needs a folder to cache it in")
     # outside inference mode: parameters converted inside it could never train again
     trunk.to(device).to(memory_format=torch.channels_last).eval()
+    flipped = FLIPPED_SUBSETS if tta_mode == "flip" else ()
     shapes = cache.output_shapes(trunk, image_size, device)
     if world.is_main:
         train_rows = len(subsets["train"][1]) if "train" in subsets else 0
+        flip_rows = sum(len(subsets[name][1]) for name in flipped if name in subsets)
         rows = sum(len(labels) for _, labels in subsets.values()) + views * train_rows
         act_rows = rows - (0 if train_activations else (views + 1) * train_rows)
-        cache.check_room(activations_dir.parent, shapes, dtype, rows, act_rows, backbone_state)
+        cache.check_room(
+            activations_dir.parent,
+            shapes,
+            dtype,
+            rows + flip_rows,
+            act_rows + flip_rows,
+            backbone_state,
+        )
     with (
-        cache.writing(embeddings_dir, activations_dir, shapes, dtype, world) as writer,
+        cache.writing(embeddings_dir, activations_dir, shapes, dtype, world, tta_dir) as writer,
         torch.inference_mode(),
     ):
         if backbone_state is not None:
@@ -98,6 +114,8 @@ def extract(
                 in_file = count * sum(1 for name, _ in passes if name == stem)
                 keep_acts = train_activations or subset != "train"
                 files[stem] = writer.arrays(stem, in_file, keep_acts)
+            # the mirrored images' outputs, computed alongside the plain view from the same pixels
+            mirror = writer.flipped(subset, count) if subset in flipped else None
             for stem, view in passes:
                 act_file, emb_file = files[stem]
                 draws = DrawOrder(mine, CACHED_VIEW, view) if view else mine
@@ -115,8 +133,16 @@ def extract(
                         if act_file is not None:
                             act_file.write(offset + int(batch[0]), activations)
                         emb_file.write(offset + int(batch[0]), embeddings)
+                        if mirror is not None and not view:
+                            flip_act_file, flip_emb_file = mirror
+                            mirrored = tta.mirrored(images)
+                            mirrored = mirrored.contiguous(memory_format=torch.channels_last)
+                            with autocast(device, amp_dtype):
+                                activations, embeddings = trunk(mirrored)
+                            flip_act_file.write(int(batch[0]), activations)
+                            flip_emb_file.write(int(batch[0]), embeddings)
                         bar.update(len(images) * world.size)
-            for written in files.values():
+            for written in [*files.values(), *([mirror] if mirror is not None else [])]:
                 for file in written:
                     if file is not None:
                         file.close()
@@ -129,6 +155,8 @@ def extract(
         if not train_activations:
             act_meta["train_streamed"] = True
         writer.metas(meta, act_meta)
+        tta_counts = {name: counts[name] for name in flipped if name in counts}
+        writer.tta_meta({"tta": tta_mode, **({"subsets": tta_counts} if flipped else {})})
 
 
 def extract_features(
@@ -137,8 +165,10 @@ def extract_features(
     embeddings_dir: Path,
     activations_dir: Path,
     world: World = SINGLE,
+    tta_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The features stage: build the frozen trunk the params describe and cache its outputs."""
+    """The features stage: build the frozen trunk the params describe and cache its outputs
+    (and, given `tta_dir`, the outputs on the mirrored images `evaluate.tta` asks for)."""
     from twophase.datasets import class_names  # pandas: imported only where the split is read
 
     seed_everything(params.seed)
@@ -191,6 +221,8 @@ def extract_features(
         augment=params.data.augment,
         seed=params.seed,
         train_activations=params.finetune.input == "cached",
+        tta_mode=params.evaluate.tta,
+        tta_dir=tta_dir,
         world=world,
     )
     return {**meta, "cut": cut}

@@ -41,6 +41,7 @@ AUGMENTATIONS = ("random_resized_crop", "horizontal_flip", "color_jitter", "triv
 FINETUNE_INPUTS = ("cached", "images")
 SHUFFLES = ("full", "blocks")
 CLASS_WEIGHTS = ("none", "balanced")
+TTA_MODES = ("none", "flip")  # test-time augmentation: the plain input, or it and its mirror
 # Params that change how fast a stage runs, never what it writes: no stage depends on them.
 SPEED_ONLY_PARAMS = ("features.batch_size", "features.num_workers", "compute")
 
@@ -252,6 +253,14 @@ class FinetuneParams(PhaseParams):
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    tta: str = "none"  # flip: scores also the average of the image's and its mirror's probabilities
+
+    def __post_init__(self) -> None:
+        _check_choice("evaluate.tta", self.tta, TTA_MODES)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     device: str = "auto"
@@ -262,6 +271,7 @@ class Params:
     compute: ComputeParams = field(default_factory=ComputeParams)
     train_transfer: TransferParams = field(default_factory=TransferParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")

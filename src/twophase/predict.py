@@ -25,6 +25,7 @@ from twophase.errors import TwophaseError
 from twophase.images import ImageBatches, ImageDataset
 from twophase.io import atomic_path
 from twophase.runtime import autocast, autocast_dtype, resolve_device
+from twophase.tta import average, views
 
 CHECKPOINT_KEYS = ("arch", "state_dict", "classifier", "head", "class_names", "preprocessing")
 
@@ -118,8 +119,12 @@ def predict_images(
     top_k: int = 5,
     batch_size: int = 32,
     device: str = "auto",
+    tta: str = "none",
 ) -> pd.DataFrame:
-    """One row per image: path, predicted class, its probability, the top-k with probabilities."""
+    """One row per image: path, predicted class, its probability, the top-k with probabilities.
+
+    `tta="flip"`: the probabilities are the mean of the image's and its mirror's (`tta.py`).
+    """
     where = resolve_device(device)
     amp = autocast_dtype(where, "auto")
     names: list[str] = checkpoint["class_names"]
@@ -134,9 +139,12 @@ def predict_images(
         tqdm(total=len(dataset), desc="predict", unit="img", disable=None) as bar,
     ):
         for batch, _ in batches:
-            with autocast(where, amp):
-                logits = model(batch.to(where))
-            probs = torch.softmax(logits.float(), dim=1).cpu()
+            answers = []
+            for view in views(batch.to(where), tta):
+                with autocast(where, amp):
+                    logits = model(view)
+                answers.append(torch.softmax(logits.float(), dim=1))
+            probs = average(answers).cpu()
             values, indices = probs.topk(k, dim=1)
             for value_row, index_row in zip(values.tolist(), indices.tolist(), strict=True):
                 row: dict[str, Any] = {

@@ -68,15 +68,8 @@ def build_report(
         "",
         _table(
             ["metric", PHASE_TITLES["transfer"], PHASE_TITLES["finetune"], "delta (2 - 1)"],
-            [
-                [
-                    name,
-                    f"{evaluation['transfer'][name]:.4f}",
-                    f"{evaluation['finetune'][name]:.4f}",
-                    f"{evaluation['delta'][name]:+.4f}",
-                ]
-                for name in HEADLINE
-            ],
+            _metric_rows(evaluation, "")
+            + (_metric_rows(evaluation, "_tta") if "transfer_tta" in evaluation else []),
         ),
         "",
         "## Training",
@@ -130,6 +123,21 @@ def build_report(
     with atomic_path(report_path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return text
+
+
+def _metric_rows(evaluation: Mapping[str, Any], suffix: str) -> list[list[str]]:
+    """The headline metrics of evaluate.json's `transfer`, `finetune` and `delta` (`suffix`
+    "_tta": with test-time augmentation)."""
+    label = " (TTA)" if suffix else ""
+    return [
+        [
+            f"{name}{label}",
+            f"{evaluation[f'transfer{suffix}'][name]:.4f}",
+            f"{evaluation[f'finetune{suffix}'][name]:.4f}",
+            f"{evaluation[f'delta{suffix}'][name]:+.4f}",
+        ]
+        for name in HEADLINE
+    ]
 
 
 def _phase_two(evaluate_dir: Path, params: Params) -> str:
