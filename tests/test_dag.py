@@ -96,7 +96,7 @@ def test_the_docs_name_the_stages_that_depend_on_data_root(document: str, before
     assert named == depending
 
 
-TRAINING_MODULES = ("train.py", "optim.py", "phases.py", "dropout.py", "distributed.py")
+TRAINING_MODULES = ("train.py", "ema.py", "optim.py", "phases.py", "dropout.py", "distributed.py")
 
 
 @pytest.mark.parametrize(

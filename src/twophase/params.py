@@ -159,6 +159,7 @@ class PhaseParams:
     schedule: str = "constant"
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    ema: float = 0.0  # weight EMA decay (0: off): validation and the saved weights use the average
 
     def _validate(self, section: str, min_epochs: int = 1) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"{section}.lr", self.lr, "a number > 0")
@@ -202,6 +203,7 @@ class PhaseParams:
             self.label_smoothing,
             "a number in [0, 1)",
         )
+        _check(0 <= self.ema < 1, f"{section}.ema", self.ema, "a number in [0, 1) (0: off)")
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,11 @@ class TransferParams(PhaseParams):
     def __post_init__(self) -> None:
         self._validate("train_transfer")
         _check_choice("train_transfer.solver", self.solver, SOLVERS)
+        if self.solver == "lbfgs" and self.ema:  # one full-batch solve: no steps to average
+            raise ParamsError(
+                f"train_transfer.ema: {self.ema!r} averages the weights of optimizer steps, "
+                "which the L-BFGS linear probe (solver: lbfgs) does not take; set it to 0"
+            )
 
 
 @dataclass(frozen=True)
