@@ -23,7 +23,7 @@ from twophase.phases import train_transfer
 CPU = torch.device("cpu")
 
 
-def test_valley_is_two_thirds_down_the_longest_fall_as_fastai_computes_it() -> None:
+def test_valley_is_halfway_along_the_longest_fall_as_fastai_computes_it() -> None:
     # the longest decreasing run is 5 (index 2) ... 0.4 (index 8), 7 points; fastai starts it
     # one before (index 1) and takes 1 + int(7 / 3) + int(7 / 6) = 4
     losses = [5.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.4, 3.0, 10.0]
@@ -149,6 +149,11 @@ def test_a_missing_cache_or_checkpoint_is_one_line_naming_the_file_and_the_stage
     error = capsys.readouterr().err.strip()
     assert error.startswith("twophase: error: models/transfer.pt is missing: run `dvc repro ")
     assert "train_transfer` first" in error and "\n" not in error
+    lbfgs = {**to_dict(tiny_params()), "model": {"dense_units": []}}
+    lbfgs["train_transfer"]["solver"] = "lbfgs"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(lbfgs))
+    assert main(["lr-find", "--phase", "transfer"]) == 1
+    assert "train_transfer.solver is lbfgs, a linear probe" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "data",
         "data/activations",

@@ -12,9 +12,8 @@ Each step's training loss (taken before its step, as fastai records it) is smoot
 debiased moving average (fastai's, beta 0.98); the run stops after N steps, or once the smoothed
 loss exceeds 4 times its lowest (diverged), or turns NaN or infinite. The suggestion is fastai's
 default, `valley`: on the smoothed curve, without its first N // 10 and last 5 points, the
-longest run of decreasing losses, and in it the point two thirds of the way down, where the
-loss still falls steeply. The network trained here is thrown away; nothing is saved but the
-curve.
+longest run of decreasing losses, and in it the point about halfway along, where the loss still
+falls steeply. The network trained here is thrown away; nothing is saved but the curve.
 """
 
 from __future__ import annotations
@@ -83,8 +82,10 @@ def lr_schedule(step: int, steps: int, start: float, end: float) -> float:
 
 
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """fastai's `valley`: the LR two thirds of the way down the longest run of decreasing losses
-    (the longest decreasing subsequence, computed in O(n²), n <= a few hundred)."""
+    """fastai's `valley`: the LR about halfway along the longest run of decreasing losses (the
+    longest decreasing subsequence, in O(n²) for n points, n <= a few hundred). As fastai, the
+    run is taken to start one point before its first, and the point is a third plus a sixth of
+    its length (each rounded down) past that start."""
     count = len(losses)
     lengths = [1] * count
     start = end = 0
@@ -219,6 +220,11 @@ def find_lr(
     """
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r} is none of {PHASES}")
+    if phase == "transfer" and params.train_transfer.solver == "lbfgs":
+        raise TwophaseError(
+            "lr-find --phase transfer: train_transfer.solver is lbfgs, a linear probe that takes "
+            "no learning rate (solver: sgd trains with train_transfer.lr)"
+        )
     message = missing_input(phase, params)
     if message:
         raise FeatureCacheError(message)
