@@ -9,18 +9,20 @@ Only the `.py` entries of each stage's `deps:` change; data dependencies keep th
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from modulefinder import ModuleFinder
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def import_closure(script: Path) -> set[str]:
-    """Project files `script` imports, transitively (function-level imports included).
+def import_closure(script: Path, excludes: Sequence[str] = ()) -> set[str]:
+    """Project files `script` imports, transitively (function-level imports included), leaving
+    out the modules named in `excludes` (dotted names) and what only they import.
 
     ModuleFinder searches only stages/ and src/, so third-party packages are never scanned.
     """
-    finder = ModuleFinder(path=[str(PROJECT / "stages"), str(PROJECT / "src")])
+    finder = ModuleFinder(path=[str(PROJECT / "stages"), str(PROJECT / "src")], excludes=excludes)
     finder.run_script(str(script))
     files = {Path(m.__file__).resolve() for m in finder.modules.values() if m.__file__}
     return {f.relative_to(PROJECT).as_posix() for f in files if f.is_relative_to(PROJECT)}

@@ -6,7 +6,8 @@ gradient all-reduce, global batch statistics).
 
 Several processes run under torchrun with gloo on this CPU. The head has dropout (masks keyed by
 seed, epoch, step and global row) and `finetune.batchnorm: train` is covered (global batch
-statistics under DDP), so neither hides behind a switched-off feature.
+statistics under DDP), so neither hides behind a switched-off feature. The weight EMA
+(`ema`), which every rank keeps for itself, is compared the same way.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _with(raw: dict, section: str, **values: object) -> dict:
 # streamed phase 2, and test-time augmentation's cache of the mirrored val and test images
 STREAMED = _with(_with(RAW, "finetune", input="images"), "evaluate", tta="flip")
 BATCHNORM = _with(RAW, "finetune", batchnorm="train")
+EMA = _with(_with(RAW, "train_transfer", ema=0.5), "finetune", ema=0.5)
 # name: (params, processes, the run it must equal)
 MATRIX = {
     "one": (RAW, 1, None),
@@ -58,6 +60,8 @@ MATRIX = {
     "streamed-nproc-2": (STREAMED, 2, "streamed"),
     "batchnorm-train": (BATCHNORM, 1, None),
     "batchnorm-train-nproc-2": (BATCHNORM, 2, "batchnorm-train"),
+    "ema": (EMA, 1, None),
+    "ema-nproc-2": (EMA, 2, "ema"),
 }
 PAIRS = [(name, same_as) for name, (_, _, same_as) in MATRIX.items() if same_as]
 
@@ -162,13 +166,18 @@ def _assert_same_weights(
 
 
 def test_the_matrix_exercises_dropout_and_batch_statistics(runs: dict[str, Path]) -> None:
-    """The matrix proves something only if training draws masks: the runs' dropout is on, and
-    the global batch statistics of batchnorm: train change phase 2 (so they are exercised)."""
+    """The matrix proves something only if training draws masks: the runs' dropout is on, the
+    global batch statistics of batchnorm: train change phase 2, and the EMA both phases' val
+    losses (so they are exercised)."""
     one = torch.load(runs["one"] / "t.pt", weights_only=True)
     assert one["head"]["dropout"] == 0.3
     frozen = pd.read_csv(runs["one"] / "f.csv")["train_loss"].tolist()
     trained = pd.read_csv(runs["batchnorm-train"] / "f.csv")["train_loss"].tolist()
     assert frozen[1:] != pytest.approx(trained[1:], abs=1e-5)
+    for history in ("t.csv", "f.csv"):  # every rank validates the same weight EMA
+        plain = pd.read_csv(runs["one"] / history)["val_loss"].tolist()
+        averaged = pd.read_csv(runs["ema"] / history)["val_loss"].tolist()
+        assert averaged[1:] != pytest.approx(plain[1:], abs=1e-5), history
 
 
 def test_the_torchrun_command_for_one_node_and_for_a_slurm_allocation() -> None:

@@ -90,6 +90,13 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
             {"train_transfer": {"mixup": 0.2, "solver": "lbfgs"}, "model": {"dense_units": []}},
             r"train_transfer.mixup: 0.2 mixes minibatches, but the L-BFGS probe",
         ),
+        ({"finetune": {"ema": 1}}, r"finetune.ema: 1.0 is not allowed; expected a number in \[0"),
+        ({"train_transfer": {"ema": -0.5}}, r"train_transfer.ema: -0.5 is not allowed"),
+        ({"finetune": {"ema": float("nan")}}, r"finetune.ema: nan is not allowed"),
+        (
+            {"model": {"dense_units": []}, "train_transfer": {"solver": "lbfgs", "ema": 0.9}},
+            r"train_transfer.ema: 0.9 averages the weights of optimizer steps",
+        ),
         ({"model": {"dense_units": [0]}}, r"model.dense_units: \[0\]"),
         ({"model": {"dropout": 1.0}}, r"model.dropout: 1.0"),
         ({"model": {"arch": "res net"}}, r"model.arch: 'res net'"),

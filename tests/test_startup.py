@@ -8,6 +8,7 @@ device holds exactly the saved tensors. (tests/test_optim.py: training imports n
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -33,6 +34,25 @@ def test_stages_without_a_network_do_not_import_torch(stage: str) -> None:
         [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]", f"stages/{stage}.py imports {done.stdout.strip()}"
+
+
+def test_the_twophase_command_starts_without_torch() -> None:
+    """`twophase --help` and `twophase params` answer at once: each command imports torch (and
+    `lr-find` the training modules) only when it runs."""
+    code = (
+        "import sys; from twophase import cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
+        "or m.startswith('twophase.lr_find')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(PROJECT / "src")},
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_evaluate_does_not_import_matplotlib() -> None:

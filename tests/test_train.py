@@ -461,3 +461,96 @@ def test_cached_activations_and_streamed_images_give_the_same_losses(tiny_images
         through_tail = Streamed(net).train()(images)
         whole = net.train().model(images)
     assert torch.allclose(through_tail, whole, atol=1e-5)
+
+
+class Recorded:
+    """Training batches that note the model's parameters and buffers whenever a batch is asked
+    for and at the end of each pass: before each step and after the last."""
+
+    def __init__(self, model: nn.Module, batches: list) -> None:
+        self.model, self.batches = model, batches
+        self.passes: list[list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = []
+
+    def snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return (
+            [p.detach().clone() for p in self.model.parameters()],
+            [b.detach().clone() for b in self.model.buffers()],
+        )
+
+    def __iter__(self):
+        noted = []
+        self.passes.append(noted)
+        for batch in self.batches:
+            noted.append(self.snapshot())
+            yield batch
+        noted.append(self.snapshot())
+
+
+@pytest.mark.parametrize("start_epoch", [None, 4])
+def test_the_weight_ema_is_the_formula_and_is_what_fit_validates_and_keeps(
+    start_epoch: int | None,
+) -> None:
+    """ema = decay * ema + (1 - decay) * weights after every step, from the starting weights on,
+    computed by hand in float64; each epoch's val loss is the EMA's (with the model's own
+    BatchNorm statistics of the moment), and the weights fit leaves (those saved) are the EMA of
+    the best epoch, not the trained weights."""
+    decay = 0.6
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    rows, labels = (torch.as_tensor(a) for a in separable_embeddings(54, seed=3))
+    x, y, vx, vy = rows[:24], labels[:24], rows[24:], labels[24:]
+    train = Recorded(model, [(x[i : i + 6], y[i : i + 6]) for i in range(0, 24, 6)])
+    result = fit(
+        model,
+        (train, [(vx, vy)]),
+        PhaseParams(lr=0.05, epochs=3, patience=10, ema=decay),
+        device=CPU,
+        start_epoch=start_epoch,
+    )
+    passes = train.passes[1:] if start_epoch is not None else train.passes
+    assert len(passes) == 3 and all(len(noted) == 5 for noted in passes)  # 4 steps an epoch
+    average = [p.double() for p in passes[0][0][0]]  # the starting weights
+    by_epoch = {}
+    for epoch, noted in enumerate(passes, start=(start_epoch or 0) + 1):
+        for weights, _ in noted[1:]:  # after each step
+            average = [
+                decay * a + (1 - decay) * w.double() for a, w in zip(average, weights, strict=True)
+            ]
+        by_epoch[epoch] = (average, noted[-1])
+
+    twin = copy.deepcopy(model).eval()
+    for stats in result.history[1 if start_epoch is not None else 0 :]:
+        ema, (trained, buffers) = by_epoch[stats.epoch]
+        for kind, weights in (("ema", ema), ("trained", trained)):
+            with torch.no_grad():
+                for param, value in zip(twin.parameters(), weights, strict=True):
+                    param.copy_(value)
+                for buffer, value in zip(twin.buffers(), buffers, strict=True):
+                    buffer.copy_(value)
+                loss = nn.functional.cross_entropy(twin(vx), vy).item()
+            if kind == "ema":
+                assert stats.val_loss == pytest.approx(loss, abs=1e-5), stats.epoch
+            else:
+                assert stats.val_loss != pytest.approx(loss, abs=1e-3), "scored the trained"
+    assert result.best_epoch in by_epoch, "the test needs an epoch to beat the start"
+    ema, (trained, buffers) = by_epoch[result.best_epoch]
+    for param, expected, live in zip(model.parameters(), ema, trained, strict=True):
+        assert torch.allclose(param.double(), expected, atol=1e-6)
+        assert not torch.allclose(param, live, atol=1e-3), "fit kept the trained weights"
+    for buffer, expected in zip(model.buffers(), buffers, strict=True):
+        assert torch.equal(buffer, expected), "BatchNorm statistics are the model's own"
+
+
+def test_ema_zero_averages_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default adds no operation on the weights: no average is even built, so the results
+    are those of training without the feature."""
+    from twophase import train
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("ema: 0 built a weight average")
+
+    monkeypatch.setattr(train, "WeightAverage", refuse)
+    torch.manual_seed(0)
+    model = build_head(8, [16], 0.0, 3)
+    x, y = separable_embeddings(32)
+    fit(model, (array_batches(x, y, 8), array_batches(x, y, 32)), PhaseParams(epochs=2), device=CPU)

@@ -3,8 +3,9 @@
     twophase predict models/finetune.pt photos/ --out preds.csv [--tta flip]
     twophase export models/finetune.pt --format onnx --out model.onnx
     twophase params
+    twophase lr-find --phase transfer
 
-The DVC stages stay the way to train; this is what comes after.
+The DVC stages stay the way to train; this is what comes after, and the LR finder before.
 """
 
 from __future__ import annotations
@@ -68,12 +69,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = commands.add_parser("params", help="print params.yaml validated, defaults filled in")
     params.add_argument("file", nargs="?", type=Path, default=Path("params.yaml"))
 
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="find a learning rate for a phase on the feature cache; plot the curve",
+        description="fastai's LR finder on the workspace's feature cache: up to --steps training "
+        "steps of the phase as params.yaml sets it up, at a learning rate growing exponentially "
+        "from --start-lr to --end-lr, stopped when the loss diverges. Prints the suggested LR "
+        "(fastai's valley) and writes the curve to plots/lr_find/PHASE.csv, which `dvc plots "
+        "show` draws; no stage's output changes.",
+    )
+    lr_find.add_argument("--phase", choices=("transfer", "finetune"), required=True)
+    lr_find.add_argument("--steps", type=int, default=100, help="at most (default: 100)")
+    lr_find.add_argument("--start-lr", type=float, default=1e-7, help="(default: 1e-7)")
+    lr_find.add_argument("--end-lr", type=float, default=10.0, help="(default: 10)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "predict":
             return _predict(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "lr-find":
+            return _lr_find(args)
         return _params(args)
     except TwophaseError as err:
         print(f"twophase: error: {err}", file=sys.stderr)
@@ -139,6 +156,25 @@ def _check_out(out: Path) -> None:
         raise TwophaseError(
             f"--out: {str(out)!r} is a folder; give a file path, e.g. {str(out / 'NAME')!r}"
         )
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    # torch and the training modules: imported here, only by this command
+    from twophase.lr_find import CURVES, find_lr, write_curve
+    from twophase.params import load_params
+
+    params = load_params()
+    curve = find_lr(params, args.phase, args.steps, args.start_lr, args.end_lr)
+    path = CURVES / f"{args.phase}.csv"
+    write_curve(curve, path)
+    section = "train_transfer" if args.phase == "transfer" else "finetune"
+    ending = f"diverged at lr {curve.lrs[-1]:.2e}" if curve.diverged else "did not diverge"
+    print(f"suggested lr: {curve.suggestion:.2e}")
+    print(
+        f"{len(curve.lrs)} steps, the loss {ending}; the curve: {path} (dvc plots show); "
+        f"try it: dvc exp run -S {section}.lr={curve.suggestion:.2e}"
+    )
+    return 0
 
 
 def _params(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ The schedule is per epoch, so the LR of each epoch is one number in the history 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ class Optimizer:
     Why not `torch.optim.Adam` itself: its constructor and its `step` import torch._dynamo, which
     takes longer than the whole phase-1 training on a Pet-sized cache (bench/RESULTS.md); the
     kernels do not. What the project needs of an optimizer is here: `param_groups` (LR per group,
-    read by `set_epoch_lr` and by `torch.amp.GradScaler`), `zero_grad` and `step`.
+    read by `set_epoch_lr` and by `torch.amp.GradScaler`), `zero_grad`, `step` and hooks run
+    after each step (`register_step_post_hook`, named as torch.optim's: the weight EMA).
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], phase: PhaseParams) -> None:
@@ -36,6 +38,11 @@ class Optimizer:
         self.phase = phase
         self.param_groups = param_groups
         self.state: dict[torch.Tensor, dict[str, Any]] = {}
+        self.post_hooks: list[Callable[[], None]] = []
+
+    def register_step_post_hook(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` after every step (not after a step GradScaler skips: no step is taken)."""
+        self.post_hooks.append(hook)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -58,6 +65,8 @@ class Optimizer:
                 self._sgd_step(params, grads, group["lr"], group["weight_decay"])
             else:
                 self._adam_step(params, grads, group["lr"], group["weight_decay"])
+        for hook in self.post_hooks:
+            hook()
 
     def _adam_step(
         self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, decay: float

@@ -163,6 +163,7 @@ class PhaseParams:
     label_smoothing: float = 0.0
     class_weights: str = "none"  # balanced: each class weighs n / (classes * its count)
     mixup: float = 0.0  # MixUp's alpha (0: off): inputs and targets mixed, lam ~ Beta(a, a)
+    ema: float = 0.0  # weight EMA decay (0: off): validation and the saved weights use the average
 
     def _validate(self, section: str, min_epochs: int = 1) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"{section}.lr", self.lr, "a number > 0")
@@ -208,6 +209,7 @@ class PhaseParams:
         )
         _check_choice(f"{section}.class_weights", self.class_weights, CLASS_WEIGHTS)
         _check_alpha(f"{section}.mixup", self.mixup)
+        _check(0 <= self.ema < 1, f"{section}.ema", self.ema, "a number in [0, 1) (0: off)")
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,11 @@ class TransferParams(PhaseParams):
                 f"train_transfer.mixup: {self.mixup!r} mixes minibatches, but the L-BFGS probe "
                 "(train_transfer.solver: lbfgs) fits the whole training set at once: set "
                 "train_transfer.mixup: 0 or train_transfer.solver: sgd"
+            )
+        if self.solver == "lbfgs" and self.ema:  # one full-batch solve: no steps to average
+            raise ParamsError(
+                f"train_transfer.ema: {self.ema!r} averages the weights of optimizer steps, "
+                "which the L-BFGS linear probe (solver: lbfgs) does not take; set it to 0"
             )
 
 

@@ -14,7 +14,7 @@ on the cached activations, which the streamed network would compute identically.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from twophase import cache
-from twophase.backbones import block_names, describe
+from twophase.backbones import Family, block_names, describe
 from twophase.batches import ArrayBatches, Batches, BatchOrder
 from twophase.batches import array_batches as batches
 from twophase.cache import FeatureCacheError
@@ -71,6 +71,41 @@ def class_weights(
     return balanced_class_weights(labels, class_names, f"{section}.class_weights")
 
 
+@dataclass(frozen=True)
+class TransferInputs:
+    """What phase 1 trains, on what: the new head and the cached embeddings (in memory)."""
+
+    meta: dict[str, Any]
+    head: nn.Sequential
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    train_views: np.ndarray | None
+
+    def batches(self, params: Params, world: World = SINGLE) -> tuple[ArrayBatches, ArrayBatches]:
+        """(training, validation) batches of this rank, in the phase's seeded order."""
+        phase = params.train_transfer
+        sharded = partial(batches, rank=world.rank, ranks=world.size)
+        return (
+            sharded(*self.train, phase.batch_size, True, params.seed, views=self.train_views),
+            sharded(*self.val, phase.batch_size, False, params.seed),
+        )
+
+
+def transfer_inputs(params: Params, embeddings_dir: Path) -> TransferInputs:
+    """Phase 1's head, freshly initialised (from the seeded random state), and its inputs."""
+    meta = cache.load_meta(embeddings_dir)
+    train = cache.load_embeddings(embeddings_dir, "train", in_memory=True)
+    val = cache.load_embeddings(embeddings_dir, "val", in_memory=True)
+    train_views = cache.load_views(embeddings_dir, "embeddings", in_memory=True)
+    head = build_head(
+        meta["embedding_dim"],
+        params.model.dense_units,
+        params.model.dropout,
+        len(meta["class_names"]),
+    )
+    return TransferInputs(meta, head, train, val, train_views)
+
+
 def train_transfer(
     params: Params,
     embeddings_dir: Path,
@@ -82,32 +117,22 @@ def train_transfer(
     Under DDP, rank 0 alone writes the history and the checkpoint."""
     seed_everything(params.seed)
     device = world.device_for(params.device)
-    meta = cache.load_meta(embeddings_dir)
-    train = cache.load_embeddings(embeddings_dir, "train", in_memory=True)
-    val = cache.load_embeddings(embeddings_dir, "val", in_memory=True)
-    train_views = cache.load_views(embeddings_dir, "embeddings", in_memory=True)
+    inputs = transfer_inputs(params, embeddings_dir)
+    meta, head = inputs.meta, inputs.head
     # The backbone comes from the cache, not torchvision: this stage stays quick to start.
     backbone = torch.load(embeddings_dir / cache.BACKBONE, map_location="cpu", weights_only=True)
-    head = build_head(
-        meta["embedding_dim"],
-        params.model.dense_units,
-        params.model.dropout,
-        len(meta["class_names"]),
-    )
     phase = params.train_transfer
-    weights = class_weights(phase, "train_transfer", train[1], meta["class_names"])
+    weights = class_weights(phase, "train_transfer", inputs.train[1], meta["class_names"])
     if phase.solver == "lbfgs":  # a linear probe: full-batch L-BFGS, L2 chosen on val
-        result = fit_linear_probe(head, train, val, device, seed=params.seed, class_weights=weights)
+        result = fit_linear_probe(
+            head, inputs.train, inputs.val, device, seed=params.seed, class_weights=weights
+        )
         if world.is_main:
             write_history(result.history, history_path)
     else:
-        sharded = partial(batches, rank=world.rank, ranks=world.size)
         result = fit(
             head,
-            (
-                sharded(*train, phase.batch_size, True, params.seed, views=train_views),
-                sharded(*val, phase.batch_size, False, params.seed),
-            ),
+            inputs.batches(params, world),
             phase,
             world=world,
             device=device,
@@ -156,17 +181,8 @@ def finetune(
     """
     seed_everything(params.seed)
     device = world.device_for(params.device)
-    model, start = load_checkpoint(transfer_checkpoint, initialise=True)
-    family = describe(model, start["arch"])
-    blocks = block_names(model, family)
-    cut = resolve_cut(start["arch"], blocks, params.finetune.unfreeze)
-    meta = cache.load_meta(activations_dir)
-    if meta["cut"] != cut:
-        raise FeatureCacheError(
-            f"finetune.unfreeze starts at {cut or 'the input'} but the feature cache in "
-            f"{activations_dir} holds the input of {meta['cut'] or 'the network'}: rerun the "
-            "features stage (dvc repro)"
-        )
+    begin = finetune_start(params, activations_dir, transfer_checkpoint)
+    model, start, blocks, cut = begin.model, begin.checkpoint, begin.blocks, begin.cut
     phase = params.finetune
     features_meta: dict[str, Any] = {**start, "embedding_dim": start["head"]["in_features"]}
     if phase.epochs == 0:  # phase 2 skipped: its checkpoint is phase 1's network
@@ -183,32 +199,15 @@ def finetune(
         )
         reads, cut = "embeddings", None
     else:
-        tail = Tail(model, family, cut, freeze_batchnorm=phase.batchnorm == "frozen")
-        set_trainable(model, tail)
-        if world.distributed and phase.batchnorm == "train":  # global batch statistics
-            trained = [m for t in tail.trainable_modules() for m in t.modules()]
-            global_batchnorm(model, {id(m) for m in trained if isinstance(m, _BatchNorm)})
-        nhwc = meta["layout"] == "nchw"
+        tail = trainable_tail(params, begin, world)
+        nhwc = begin.meta["layout"] == "nchw"
         val = cache.load_activations(activations_dir, "val")
-        model_in_training: nn.Module = tail
-        if phase.input == "images":
-            if split is None:
-                raise ValueError("finetune.input: images needs the split")
-            model_in_training = Streamed(tail)
-            train_batches: Batches = streamed_batches(params, split, start, world)
-            train_labels = split.loc[split["subset"] == "train", "label"].to_numpy()
-            rows = len(train_labels)
-        elif meta.get("train_streamed"):
-            raise FeatureCacheError(
-                f"finetune.input is cached but {activations_dir} holds no training activations "
-                "(it was made for finetune.input: images): rerun the features stage (dvc repro)"
-            )
-        else:
-            train_batches = cached_batches(params, activations_dir, nhwc, device, world)
-            train_labels = np.asarray(train_batches.labels)
-            rows = len(train_labels)
+        model_in_training, train_batches, train_labels = training_inputs(
+            params, begin, tail, activations_dir, split, device, world
+        )
+        rows = len(train_labels)
         sharded = partial(batches, rank=world.rank, ranks=world.size)
-        weights = class_weights(phase, "finetune", train_labels, meta["class_names"])
+        weights = class_weights(phase, "finetune", train_labels, begin.meta["class_names"])
         try:
             result = fit(
                 model_in_training,
@@ -247,6 +246,77 @@ def finetune(
         ),
     )
     return result
+
+
+@dataclass(frozen=True)
+class FinetuneStart:
+    """Phase 2's starting point: phase 1's network and checkpoint, its blocks, the cut (the
+    first unfrozen block) and the activation cache's metadata, checked to hold that cut."""
+
+    model: nn.Module
+    checkpoint: dict[str, Any]
+    family: Family
+    blocks: list[str]
+    cut: str | None
+    meta: dict[str, Any]
+
+
+def finetune_start(
+    params: Params, activations_dir: Path, transfer_checkpoint: Path
+) -> FinetuneStart:
+    """Phase 1's network, loaded to train (which draws from the seeded random state)."""
+    model, start = load_checkpoint(transfer_checkpoint, initialise=True)
+    family = describe(model, start["arch"])
+    blocks = block_names(model, family)
+    cut = resolve_cut(start["arch"], blocks, params.finetune.unfreeze)
+    meta = cache.load_meta(activations_dir)
+    if meta["cut"] != cut:
+        raise FeatureCacheError(
+            f"finetune.unfreeze starts at {cut or 'the input'} but the feature cache in "
+            f"{activations_dir} holds the input of {meta['cut'] or 'the network'}: rerun the "
+            "features stage (dvc repro)"
+        )
+    return FinetuneStart(model, start, family, blocks, cut, meta)
+
+
+def trainable_tail(params: Params, begin: FinetuneStart, world: World = SINGLE) -> Tail:
+    """The unfrozen blocks and the head, the only part that gets gradients; with
+    `finetune.batchnorm: train` under DDP, their BatchNorm takes global batch statistics."""
+    phase = params.finetune
+    tail = Tail(begin.model, begin.family, begin.cut, freeze_batchnorm=phase.batchnorm == "frozen")
+    set_trainable(begin.model, tail)
+    if world.distributed and phase.batchnorm == "train":  # global batch statistics
+        trained = [m for t in tail.trainable_modules() for m in t.modules()]
+        global_batchnorm(begin.model, {id(m) for m in trained if isinstance(m, _BatchNorm)})
+    return tail
+
+
+def training_inputs(
+    params: Params,
+    begin: FinetuneStart,
+    tail: Tail,
+    activations_dir: Path,
+    split: pd.DataFrame | None,
+    device: torch.device,
+    world: World = SINGLE,
+) -> tuple[nn.Module, Batches, np.ndarray]:
+    """(the module that trains, its training batches, the labels of every training image, all
+    ranks' alike): the tail on the cached activations, or the streamed network on the training
+    images of `split` with `finetune.input: images`."""
+    if params.finetune.input == "images":
+        if split is None:
+            raise ValueError("finetune.input: images needs the split")
+        streamed = streamed_batches(params, split, begin.checkpoint, world)
+        labels = split.loc[split["subset"] == "train", "label"].to_numpy()
+        return Streamed(tail), streamed, labels
+    if begin.meta.get("train_streamed"):
+        raise FeatureCacheError(
+            f"finetune.input is cached but {activations_dir} holds no training activations "
+            "(it was made for finetune.input: images): rerun the features stage (dvc repro)"
+        )
+    nhwc = begin.meta["layout"] == "nchw"
+    cached = cached_batches(params, activations_dir, nhwc, device, world)
+    return tail, cached, np.asarray(cached.labels)
 
 
 def last_batch_error(phase: FinetuneParams, rows: int, err: ValueError) -> Exception:

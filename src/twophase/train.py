@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from twophase.batches import Batches, slice_start
 from twophase.distributed import SINGLE, World
 from twophase.dropout import keyed, keyed_dropouts
+from twophase.ema import WeightAverage
 from twophase.errors import TwophaseError
 from twophase.mixing import Mix, Mixing
 from twophase.network import ParamGroups, trainable_parameters
@@ -208,6 +211,23 @@ def run_epoch(
     return loss_sum / seen, correct / seen
 
 
+def phase_optimizer(
+    model: nn.Module,
+    phase: PhaseParams,
+    groups: ParamGroups | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[Optimizer, torch.amp.GradScaler | None]:
+    """The phase's optimizer over `groups` (default: every trainable parameter of `model` at
+    `phase.lr`), and the loss scaler fp16 autocast needs on CUDA: what `fit` and the LR finder
+    (lr_find.py) train with."""
+    params, scales = groups or ([trainable_parameters(model)], None)
+    optimizer = make_optimizer(params, phase, scales, decay_exempt(model))
+    use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    return optimizer, scaler
+
+
 def fit(
     model: nn.Module,
     batches: tuple[Batches, Batches],
@@ -227,6 +247,11 @@ def fit(
     """Train on `batches` (training, validation) as `phase` says: its optimizer, LR schedule and
     label smoothing, for `phase.epochs` or until `phase.patience` epochs bring no better val
     loss. On return the model holds the weights of the best epoch (a copy taken then).
+
+    With `phase.ema` (a decay > 0), a moving average of the trained parameters follows every
+    optimizer step (ema.py); validation, hence early stopping, and the weights kept as the best
+    epoch's (so the checkpoint and the export) are the average's, with the model's buffers.
+    The training loss and accuracy stay those of the weights being trained.
 
     `groups`: parameter lists with their LR scales (phase 2's discriminative LRs); default, every
     trainable parameter at `phase.lr`. With `start_epoch`, the starting weights are scored first
@@ -249,11 +274,16 @@ def fit(
     if world.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    params, scales = groups or ([trainable_parameters(model)], None)
-    optimizer = make_optimizer(params, phase, scales, decay_exempt(model))
-    use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    optimizer, scaler = phase_optimizer(model, phase, groups, device, amp_dtype)
     weights = None if class_weights is None else class_weights.to(device)
+    # the weight EMA, a copy of the starting weights to begin with: validation scores it in the
+    # trained weights' place; ema: 0 adds nothing, not even a copy
+    scored: Callable[[], AbstractContextManager[object]] = nullcontext
+    if phase.ema:
+        stepped = [param for group in optimizer.param_groups for param in group["params"]]
+        average = WeightAverage(stepped, phase.ema)
+        optimizer.register_step_post_hook(average.update)
+        scored = average.in_place
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     start = time.perf_counter()
@@ -286,7 +316,7 @@ def fit(
         set_epoch(start_epoch)
         train_scores = run_epoch(trained, train_batches, device, amp_dtype, world=world)
         val_scores = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
-        record(EpochStats(start_epoch, *train_scores, *val_scores))
+        record(EpochStats(start_epoch, *train_scores, *val_scores))  # the EMA starts as these
     # disable=None: no bar when stderr is no terminal (a log, DVC's pipe), as DVC does
     epochs = range(first_epoch, first_epoch + phase.epochs)
     bar = tqdm(
@@ -309,8 +339,9 @@ def fit(
             class_weights=weights,
             mixing=mixing,
         )
-        val_loss, val_acc = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
-        improved = record(EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr))
+        with scored():  # the EMA's weights, when there is one, scored and kept if best
+            val_loss, val_acc = run_epoch(val_model, val_batches, device, amp_dtype, world=world)
+            improved = record(EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, lr))
         if not improved and epoch - result.best_epoch >= phase.patience:
             result.stopped_early = True
             break
