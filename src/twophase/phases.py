@@ -143,7 +143,9 @@ def finetune(
     """
     seed_everything(params.seed)
     device = world.device_for(params.device)
-    model, start = load_checkpoint(transfer_checkpoint, initialise=True)
+    model, start = load_checkpoint(
+        transfer_checkpoint, initialise=True, drop_path=params.model.drop_path
+    )
     family = describe(model, start["arch"])
     blocks = block_names(model, family)
     cut = resolve_cut(start["arch"], blocks, params.finetune.unfreeze)
