@@ -3,7 +3,9 @@
 Every other stage is downstream of this one, and it depends on every section of params.yaml,
 so DVC runs it first whenever a param changes: a rejected value (`dvc exp run -S
 train_transfer.epochs=abc`) fails here, before DVC removes the last outputs of the stages that
-read it. Its output never changes, so passing reruns nothing downstream.
+read it. Its output never changes, so passing reruns nothing downstream. Beyond the schema it
+checks what needs a look at the model library: a model.drop_path for an arch without
+stochastic depth.
 """
 
 import errno
@@ -34,6 +36,10 @@ def main() -> None:
             f"data.root: {str(root)!r} holds what DVC cannot hash as a dependency "
             f"({first_few(unhashable)}): remove or fix it (twophase would skip it; DVC stops)"
         )
+    if params.model.drop_path:  # whether the arch has stochastic depth: the model library says
+        from twophase.model import check_drop_path  # torch: imported only for this check
+
+        check_drop_path(params.model.arch, params.model.drop_path)
     with atomic_path(CHECKED) as tmp:
         tmp.write_text("params.yaml passed validation\n", encoding="utf-8")
     print("params.yaml: every key valid")

@@ -71,6 +71,69 @@ def test_augmented_images_differ_from_the_plain_view_and_repeat_with_the_seed(
     assert torch.equal(no_augment[(0, 0, 1)][0], plain), "no augmentation: the eval view"
 
 
+@pytest.mark.parametrize("name", ["rand_augment", "random_erasing"])
+def test_each_policy_changes_images_the_same_way_for_the_same_key(folder: Path, name: str) -> None:
+    """Alone in data.augment (no crop, no flip), the policy is all that moves the pixels."""
+    paths = sorted(str(p) for p in (folder / "images" / "train").rglob("*.jpg"))[:4]
+    data = ImageDataset(paths, [0] * 4, 32, Preprocessing(), [name], seed=1)
+    keys = [(i, 0, draw) for i in range(4) for draw in (1, 2, 3)]
+    views = {key: data[key][0] for key in keys}
+    changed = [key for key in keys if not torch.equal(views[key], data[key[0]][0])]
+    assert len(changed) >= len(keys) // 3, f"{name} changed {len(changed)} of {len(keys)} views"
+    assert all(torch.equal(data[key][0], views[key]) for key in keys), "the same key, the same"
+    other_seed = ImageDataset(paths, [0] * 4, 32, Preprocessing(), [name], seed=2)
+    assert any(not torch.equal(other_seed[key][0], views[key]) for key in keys)
+    parse_params({"data": {"augment": [name]}, "features": {"views": 2}})
+
+
+def test_random_erasing_zeroes_a_rectangle_of_the_normalised_image(folder: Path) -> None:
+    """Erased after normalisation, a pixel is 0 (the mean) in every channel; erased before, it
+    would be -mean/std there."""
+    paths = sorted(str(p) for p in (folder / "images" / "train").rglob("*.jpg"))[:4]
+    data = ImageDataset(paths, [0] * 4, 32, Preprocessing(), ["random_erasing"], seed=1)
+    erased = 0
+    for i in range(4):
+        for draw in range(1, 6):
+            view, plain = data[(i, 0, draw)][0], data[i][0]
+            moved = (view != plain).any(0)
+            if not moved.any():
+                continue
+            erased += 1
+            rows, cols = moved.any(1).nonzero(), moved.any(0).nonzero()
+            box = view[
+                :, int(rows.min()) : int(rows.max()) + 1, int(cols.min()) : int(cols.max()) + 1
+            ]
+            assert torch.equal(box, torch.zeros_like(box))
+    assert erased >= 5, erased
+
+
+def test_policies_run_before_normalisation_and_erasing_after_whatever_the_order() -> None:
+    from twophase.images import train_transform
+
+    def steps(augment: list[str]) -> list[str]:
+        transform = train_transform(32, Preprocessing(), augment)
+        return [type(step).__name__ for step in transform.transforms]  # type: ignore[attr-defined]
+
+    assert steps(["random_erasing", "rand_augment", "horizontal_flip"]) == [
+        "PILToTensor",
+        "Resize",
+        "CenterCrop",
+        "RandomHorizontalFlip",
+        "RandAugment",
+        "ToDtype",
+        "Normalize",
+        "RandomErasing",
+    ]
+    # the default draws what it drew before the policies existed: nothing added to its steps
+    assert steps(list(AUGMENT)) == [
+        "PILToTensor",
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "ToDtype",
+        "Normalize",
+    ]
+
+
 def test_cached_views_are_written_for_the_training_split_only(folder: Path) -> None:
     embeddings, activations = _cache(folder, "views2", features={"views": 2})
     plain, labels = cache.load_embeddings(embeddings, "train")
@@ -228,10 +291,15 @@ def test_a_cache_made_for_streaming_has_no_training_activations(
     [
         ({"features": {"views": 2}, "data": {"augment": []}}, r"features.views: 2 .* data.augment"),
         ({"data": {"augment": ["mixup"]}}, r"data.augment\[0\]: 'mixup' is not allowed"),
+        (
+            {"data": {"augment": ["rand_augment", "randaugment"]}},
+            r"data.augment\[1\]: 'randaugment' is not allowed; expected one of .*rand_augment",
+        ),
         ({"features": {"views": -1}}, r"features.views: -1"),
         ({"finetune": {"input": "disk"}}, r"finetune.input: 'disk' is not allowed"),
     ],
 )
 def test_augmentation_params_fail_in_one_line(raw: dict, message: str) -> None:
-    with pytest.raises(ParamsError, match=message):
+    with pytest.raises(ParamsError, match=message) as caught:
         parse_params(raw)
+    assert "\n" not in str(caught.value)

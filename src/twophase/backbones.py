@@ -14,7 +14,10 @@ under the model's own module names:
   module names or one of the steps in `STEPS`; its output is the embedding the head reads;
 - `classifier`: the module the MLP head replaces;
 - `layout`: how a block's input is shaped: "nchw" feature maps (cached channels-last), "nhwc"
-  (Swin's own layout) or "tokens" (ViT, N x T x D); "native": cached as the model makes it.
+  (Swin's own layout) or "tokens" (ViT, N x T x D); "native": cached as the model makes it;
+- `drop_path`: the family's stochastic depth rate as its library names it (torchvision's
+  `stochastic_depth_prob`, timm's `drop_path_rate`), or None where it has none (ResNets):
+  `model.drop_path` is refused for such a family.
 
 timm models (`model.arch: timm/<name>`, optional extra) describe themselves: `timm_family`
 reads the blocks from the model's `feature_info` (the module that ends each resolution stage),
@@ -37,6 +40,8 @@ from torch import nn
 
 Layout = Literal["nchw", "nhwc", "tokens", "native"]
 TIMM_PREFIX = "timm/"
+TIMM_DROP_PATH = "drop_path_rate"  # timm's builder argument for stochastic depth
+TORCHVISION_DROP_PATH = "stochastic_depth_prob"
 
 STEPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "flatten": lambda x: torch.flatten(x, 1),
@@ -55,6 +60,7 @@ class Family:
     layout: Layout
     head_modules: tuple[str, ...] = ()  # timm: the top-level modules `forward_head` runs
     starts: tuple[int, ...] = ()  # the container's children where blocks start; (): every child
+    drop_path: str | None = None  # the stochastic depth rate's name in the library; None: none
 
     def matches(self, arch: str) -> bool:
         return re.fullmatch(self.pattern, arch) is not None
@@ -129,6 +135,7 @@ FAMILIES = (
         "classifier.2",
         "nchw",
         starts=(1, 2, 4, 6),  # features.2, .4, .6 downsample; .0 is the stem
+        drop_path=TORCHVISION_DROP_PATH,
     ),
     Family(
         "EfficientNet and EfficientNetV2",
@@ -138,6 +145,7 @@ FAMILIES = (
         "classifier.1",
         "nchw",
         starts=(1, 2, 3, 4, 6),  # .1 runs at the stem's resolution; the final 1x1 conv joins .6
+        drop_path=TORCHVISION_DROP_PATH,
     ),
     Family(
         "MobileNetV3-Large",
@@ -173,6 +181,7 @@ FAMILIES = (
         "head",
         "nhwc",
         starts=(1, 2, 4, 6),  # features.2, .4, .6 are the patch merging layers; .0 is the stem
+        drop_path=TORCHVISION_DROP_PATH,
     ),
 )
 
@@ -236,6 +245,7 @@ def timm_family(model: nn.Module, arch: str) -> Family:
         classifier,
         "native",
         head_modules,
+        drop_path=TIMM_DROP_PATH,
     )
 
 

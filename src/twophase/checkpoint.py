@@ -39,6 +39,9 @@ def save_checkpoint(
         "state_dict": state,
         "arch": arch,
         "model_kwargs": features_meta["model_kwargs"],
+        # phase 2's stochastic depth (model.drop_path); None: the library's default, as the
+        # features stage built the frozen trunk (in eval mode, where it does nothing)
+        "drop_path": features_meta.get("drop_path"),
         "classifier": features_meta["classifier"],
         "head": {
             "in_features": features_meta["embedding_dim"],
@@ -63,7 +66,9 @@ def save_checkpoint(
 
 def build_network(checkpoint: dict[str, Any]) -> nn.Module:
     """The checkpoint's model (torchvision or timm), untrained, the head as its classifier."""
-    model = create_model(checkpoint["arch"], checkpoint["model_kwargs"])
+    model = create_model(
+        checkpoint["arch"], checkpoint["model_kwargs"], checkpoint.get("drop_path")
+    )
     spec = checkpoint["head"]
     head = build_head(
         spec["in_features"], spec["dense_units"], spec["dropout"], spec["num_classes"]
@@ -101,9 +106,17 @@ def _meta_network(checkpoint: dict[str, Any]) -> nn.Module | None:
         return None
 
 
-def load_checkpoint(path: Path, initialise: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """A saved network, ready for inference or (with `initialise`: see `network_of`) training."""
+def load_checkpoint(
+    path: Path, initialise: bool = False, drop_path: float | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A saved network, ready for inference or (with `initialise`: see `network_of`) training.
+
+    A `drop_path` replaces the checkpoint's own: phase 2 trains phase 1's network with the
+    params' stochastic depth (model.drop_path), which phase 1, whose backbone never trains,
+    does not depend on; the returned checkpoint records it."""
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    if drop_path is not None:
+        checkpoint["drop_path"] = drop_path
     return network_of(checkpoint, initialise), checkpoint
 
 

@@ -45,8 +45,12 @@ def train_transform(
     """The eval transform with the named augmentations (params.AUGMENTATIONS), in that order.
 
     random_resized_crop replaces resize + centre crop (torchvision's defaults: scale 0.08-1,
-    ratio 3/4-4/3, at the weights' size); colour operations run on uint8 pixels, before
-    normalisation, as torchvision's classification reference does.
+    ratio 3/4-4/3, at the weights' size); colour and policy operations (trivial_augment,
+    rand_augment) run on uint8 pixels, before normalisation, and random_erasing on the
+    normalised tensor (erased pixels are 0: the mean), as torchvision's classification
+    reference and timm do. Both take torchvision's default settings (RandAugment: 2 operations
+    at magnitude 9, at the weights' interpolation; RandomErasing: probability 0.5, 2-33 % of
+    the image).
     """
     from torchvision.transforms import v2  # as above
 
@@ -63,7 +67,11 @@ def train_transform(
         steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
     if "trivial_augment" in augment:
         steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    if "rand_augment" in augment:
+        steps.append(v2.RandAugment(interpolation=interpolation))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(prep.mean), list(prep.std))]
+    if "random_erasing" in augment:
+        steps.append(v2.RandomErasing())
     transform: Callable[[Image.Image], torch.Tensor] = v2.Compose(steps)
     return transform
 

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from twophase.backbones import TIMM_PREFIX, ArchError, Family, describe, family_of
+from twophase.backbones import (
+    TIMM_DROP_PATH,
+    TIMM_PREFIX,
+    ArchError,
+    Family,
+    describe,
+    family_of,
+)
 from twophase.errors import TwophaseError
 from twophase.params import ParamsError
 
@@ -120,17 +127,81 @@ def model_kwargs(arch: str, weights: str, image_size: int) -> dict[str, Any]:
     return {"image_size": int(enum.meta["min_size"][0]) if enum is not None else image_size}
 
 
-def create_model(arch: str, kwargs: dict[str, Any]) -> nn.Module:
-    """An untrained `arch` from torchvision, or from timm for `timm/<name>`."""
+def create_model(arch: str, kwargs: dict[str, Any], drop_path: float | None = None) -> nn.Module:
+    """An untrained `arch` from torchvision, or from timm for `timm/<name>`.
+
+    `drop_path` (model.drop_path) sets its stochastic depth (`set_drop_path`); None keeps the
+    library's default, as the frozen trunk and phase 1 build it: in eval mode it does nothing.
+    """
     if is_timm(arch):
         import timm  # optional dependency
 
-        timm_model: nn.Module = timm.create_model(arch.removeprefix(TIMM_PREFIX), **kwargs)
+        if drop_path:  # timm builds DropPath modules only for a rate > 0: its default is none
+            kwargs = {**kwargs, TIMM_DROP_PATH: drop_path}
+        try:
+            timm_model: nn.Module = timm.create_model(arch.removeprefix(TIMM_PREFIX), **kwargs)
+        except TypeError as err:
+            if drop_path and TIMM_DROP_PATH in str(err):
+                raise _no_drop_path(
+                    arch, drop_path, f"timm's builder takes no {TIMM_DROP_PATH}"
+                ) from None
+            raise
         return timm_model
     import torchvision  # imported only where a model is built
 
     model: nn.Module = torchvision.models.get_model(arch, weights=None, **kwargs)
+    if drop_path is not None:
+        set_drop_path(model, arch, drop_path)
     return model
+
+
+def set_drop_path(model: nn.Module, arch: str, drop_path: float) -> None:
+    """Stochastic depth of a torchvision model: the residual branch of block i of N (its
+    StochasticDepth modules in forward order) is dropped with probability
+    drop_path * i / (N - 1), from 0 at the first block to `drop_path` at the last.
+
+    This is the rate torchvision's ConvNeXt and Swin builders give for `stochastic_depth_prob`
+    (EfficientNet's ends at drop_path * (N - 1) / N) and timm's `drop_path_rate`. It is set on
+    the built model because Swin's builders fix `stochastic_depth_prob` (0.2 to 0.5) instead of
+    taking it. 0 turns stochastic depth off, which every builder otherwise has on.
+    """
+    if not _has_drop_path(arch, drop_path):
+        return
+    layers: list[Any] = [m for m in model.modules() if type(m).__name__ == "StochasticDepth"]
+    last = max(len(layers) - 1, 1)
+    for i, layer in enumerate(layers):
+        layer.p = drop_path * i / last
+
+
+def check_drop_path(arch: str, drop_path: float) -> None:
+    """A non-zero model.drop_path needs an arch with stochastic depth: the family table says it
+    for torchvision; a timm model is built on the meta device (no memory, no weights) to ask."""
+    if not drop_path:
+        return
+    check_arch(arch)
+    if is_timm(arch):
+        with torch.device("meta"):
+            create_model(arch, {}, drop_path)
+    else:
+        _has_drop_path(arch, drop_path)
+
+
+def _has_drop_path(arch: str, drop_path: float) -> bool:
+    """Whether a torchvision `arch` has stochastic depth; a non-zero rate for one without is
+    a params error."""
+    family = family_of(arch)
+    if family.drop_path is None and drop_path:
+        raise _no_drop_path(
+            arch, drop_path, f"torchvision's {family.name} family has no stochastic depth"
+        )
+    return family.drop_path is not None
+
+
+def _no_drop_path(arch: str, drop_path: float, why: str) -> ParamsError:
+    return ParamsError(
+        f"model.drop_path: {drop_path!r} is not allowed for {arch} ({why}); expected 0, or an "
+        "arch with it: ConvNeXt, EfficientNet, Swin, most timm models"
+    )
 
 
 def build_model(arch: str, weights: str, image_size: int, progress: bool = True) -> nn.Module:

@@ -37,7 +37,14 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 SOLVERS = ("sgd", "lbfgs")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 # the training augmentations, applied in this order whatever the order of data.augment
-AUGMENTATIONS = ("random_resized_crop", "horizontal_flip", "color_jitter", "trivial_augment")
+AUGMENTATIONS = (
+    "random_resized_crop",
+    "horizontal_flip",
+    "color_jitter",
+    "trivial_augment",
+    "rand_augment",
+    "random_erasing",  # on the normalised tensor, as timm and torchvision's references do
+)
 FINETUNE_INPUTS = ("cached", "images")
 SHUFFLES = ("full", "blocks")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -90,6 +97,7 @@ class ModelParams:
     weights: str = "IMAGENET1K_V1"
     dense_units: tuple[int, ...] = (256,)
     dropout: float = 0.3
+    drop_path: float = 0.0  # stochastic depth of phase 2's unfrozen blocks (0: none)
 
     def __post_init__(self) -> None:
         # which names exist is torchvision's to say: checked against it by the first stage
@@ -103,6 +111,7 @@ class ModelParams:
             "a list of positive integers, e.g. [256], or [] for a linear head",
         )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+        _check(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "a number in [0, 1)")
 
 
 @dataclass(frozen=True)

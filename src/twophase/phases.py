@@ -265,7 +265,9 @@ def finetune_start(
     params: Params, activations_dir: Path, transfer_checkpoint: Path
 ) -> FinetuneStart:
     """Phase 1's network, loaded to train (which draws from the seeded random state)."""
-    model, start = load_checkpoint(transfer_checkpoint, initialise=True)
+    model, start = load_checkpoint(
+        transfer_checkpoint, initialise=True, drop_path=params.model.drop_path
+    )
     family = describe(model, start["arch"])
     blocks = block_names(model, family)
     cut = resolve_cut(start["arch"], blocks, params.finetune.unfreeze)
