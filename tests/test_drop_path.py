@@ -83,7 +83,7 @@ def test_phase_two_trains_with_drop_path_and_its_checkpoint_rebuilds_it(
     assert list(got.values()) == pytest.approx(list(rates(reference).values()), abs=1e-12)
     off, _ = load_checkpoint(tmp_path / "off.pt")
     assert set(rates(off).values()) == {0.0}, "0 turns off what torchvision's builder has on"
-    assert torch.load(root / "transfer.pt", weights_only=True)["drop_path"] is None
+    assert "drop_path" not in torch.load(root / "transfer.pt", weights_only=True)
 
     # inference loads either checkpoint: evaluate, and predict on raw images
     summary = evaluate(
@@ -201,3 +201,15 @@ def test_drop_path_reruns_phase_two_not_the_cache_nor_phase_one() -> None:
     assert not depends("train_transfer", "model.drop_path")
     for key in ("model.arch", "model.weights", "model.dense_units", "model.dropout"):
         assert depends("train_transfer", key), key
+
+
+def test_the_default_keeps_the_builders_own_stochastic_depth() -> None:
+    """model.drop_path: null (the default) trains phase 2 as the model library builds it, as
+    before the param existed; the checkpoint records no rate."""
+    import torchvision
+
+    assert Params().model.drop_path is None
+    assert parse_params({"model": {"drop_path": None}}).model.drop_path is None
+    built = create_model("efficientnet_b0", {}, Params().model.drop_path)
+    reference = rates(torchvision.models.efficientnet_b0())
+    assert rates(built) == reference and max(reference.values()) > 0

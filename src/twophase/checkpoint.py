@@ -39,9 +39,6 @@ def save_checkpoint(
         "state_dict": state,
         "arch": arch,
         "model_kwargs": features_meta["model_kwargs"],
-        # phase 2's stochastic depth (model.drop_path); None: the library's default, as the
-        # features stage built the frozen trunk (in eval mode, where it does nothing)
-        "drop_path": features_meta.get("drop_path"),
         "classifier": features_meta["classifier"],
         "head": {
             "in_features": features_meta["embedding_dim"],
@@ -60,6 +57,8 @@ def save_checkpoint(
         "last_epoch": summary["last_epoch"],
         "params": to_dict(params),
     }
+    if features_meta.get("drop_path") is not None:  # phase 2's stochastic depth, when set
+        checkpoint["drop_path"] = features_meta["drop_path"]
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 

@@ -97,7 +97,7 @@ class ModelParams:
     weights: str = "IMAGENET1K_V1"
     dense_units: tuple[int, ...] = (256,)
     dropout: float = 0.3
-    drop_path: float = 0.0  # stochastic depth of phase 2's unfrozen blocks (0: none)
+    drop_path: float | None = None  # phase 2's stochastic depth (None: the library's own)
 
     def __post_init__(self) -> None:
         # which names exist is torchvision's to say: checked against it by the first stage
@@ -111,7 +111,13 @@ class ModelParams:
             "a list of positive integers, e.g. [256], or [] for a linear head",
         )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
-        _check(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "a number in [0, 1)")
+        if self.drop_path is not None:
+            _check(
+                0.0 <= self.drop_path < 1.0,
+                "model.drop_path",
+                self.drop_path,
+                "a number in [0, 1), or null for the library's own rate",
+            )
 
 
 @dataclass(frozen=True)
@@ -466,8 +472,11 @@ def _convert(hint: Any, value: object, key: str) -> Any:
         if not isinstance(value, list):
             raise ParamsError(f"{key}: expected a list, got {_describe(value)}")
         return tuple(_convert(item_hint, item, f"{key}[{i}]") for i, item in enumerate(value))
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional params yet
-        raise TypeError(f"unsupported params type for {key}: {hint}")
+    if isinstance(hint, types.UnionType) and type(None) in hint.__args__:  # e.g. float | None
+        if value is None:
+            return None
+        (inner,) = (arg for arg in hint.__args__ if arg is not type(None))
+        return _convert(inner, value, key)
     raise TypeError(f"unsupported params type for {key}: {hint}")
 
 
