@@ -163,7 +163,7 @@ def set_drop_path(model: nn.Module, arch: str, drop_path: float) -> None:
     This is the rate torchvision's ConvNeXt and Swin builders give for `stochastic_depth_prob`
     (EfficientNet's ends at drop_path * (N - 1) / N) and timm's `drop_path_rate`. It is set on
     the built model because Swin's builders fix `stochastic_depth_prob` (0.2 to 0.5) instead of
-    taking it. 0 turns stochastic depth off, which every builder otherwise has on.
+    taking it. 0 turns off the stochastic depth torchvision's builders have on by default.
     """
     if not _has_drop_path(arch, drop_path):
         return
