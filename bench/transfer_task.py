@@ -309,18 +309,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def tta_accuracy(flat: dict[str, Any], phase: str) -> float | None:
-    """The phase's test accuracy with TTA, under whatever key containing `tta` holds it
-    (`transfer.accuracy_tta`, `transfer.tta.accuracy`, ...); None where there is none."""
-    for key, value in flat.items():
-        name = key.removeprefix(f"{phase}.")
-        if (
-            key.startswith(f"{phase}.")
-            and "tta" in name
-            and name.split(".")[-1].replace("_tta", "").replace("tta_", "") == "accuracy"
-            and isinstance(value, int | float)
-        ):
-            return float(value)
-    return None
+    """The phase's test accuracy with TTA (`transfer_tta.accuracy` in metrics/evaluate.json);
+    None where the run had no TTA."""
+    value = flat.get(f"{phase}_tta.accuracy")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
