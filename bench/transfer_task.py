@@ -64,6 +64,8 @@ sys.path.insert(0, str(BENCH))
 
 from run import copy_project  # noqa: E402
 
+from twophase.params import flatten  # noqa: E402
+
 # name -> the `-S` overrides of that setting, passed to `dvc exp run` unchanged
 SETTINGS: dict[str, list[str]] = {
     "default": [],
@@ -296,16 +298,6 @@ def error_line(output: str) -> str:
         if found:
             return found[-1].split(" (this value now stands in params.yaml")[0][:300]
     return lines[-1][:300] if lines else "no output"
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def tta_accuracy(flat: dict[str, Any], phase: str) -> float | None:
