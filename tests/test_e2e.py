@@ -176,6 +176,8 @@ def test_tta_reruns_the_features_and_evaluate_never_the_phases(repo: Path) -> No
         assert reached_by(repo, "finetune.lr=3e-5") == REACHES["finetune.lr=3e-5"]
     finally:
         run(repo, "git", "checkout", "-q", "--", ".")
+        # the TTA predictions in plots/evaluate (git-tracked, not DVC-cached) are new files
+        run(repo, "git", "clean", "-fdq", "--", "plots", "metrics")
         run(repo, "dvc", "checkout", "-q")
 
 
