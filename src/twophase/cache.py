@@ -105,46 +105,22 @@ class CacheWriter:
     def arrays(self, stem: str, rows: int, activations: bool) -> tuple[NpyRows | None, NpyRows]:
         """`<stem>_activations.npy` (None without `activations`) and `<stem>_embeddings.npy`,
         of `rows` rows each, open for every rank to write its rows into."""
-        act = (
-            _shared_npy(
-                self.activations / f"{stem}_activations.npy",
-                self.act_shape,
-                self.dtype,
-                world=self.world,
-                rows=rows,
-            )
-            if activations
-            else None
-        )
-        emb = _shared_npy(
-            self.embeddings / f"{stem}_embeddings.npy",
-            self.emb_shape,
-            "float32",
-            world=self.world,
-            rows=rows,
-        )
-        return act, emb
+        act = self._npy(self.activations / f"{stem}_activations.npy", rows) if activations else None
+        return act, self._npy(self.embeddings / f"{stem}_embeddings.npy", rows, embeddings=True)
 
     def flipped(self, subset: str, rows: int) -> tuple[NpyRows, NpyRows]:
         """`<subset>_flip_activations.npy` and `<subset>_flip_embeddings.npy` in the TTA folder,
         of `rows` rows each: the trunk's outputs on the subset's mirrored images."""
         if self.tta is None:
             raise ValueError("the cache is written without a TTA folder")
-        act = _shared_npy(
-            self.tta / f"{subset}_flip_activations.npy",
-            self.act_shape,
-            self.dtype,
-            world=self.world,
-            rows=rows,
-        )
-        emb = _shared_npy(
-            self.tta / f"{subset}_flip_embeddings.npy",
-            self.emb_shape,
-            "float32",
-            world=self.world,
-            rows=rows,
-        )
-        return act, emb
+        act = self._npy(self.tta / f"{subset}_flip_activations.npy", rows)
+        return act, self._npy(self.tta / f"{subset}_flip_embeddings.npy", rows, embeddings=True)
+
+    def _npy(self, path: Path, rows: int, embeddings: bool = False) -> NpyRows:
+        """An array of activations (the cache's dtype) or embeddings (float32) at `path`."""
+        if embeddings:
+            return _shared_npy(path, self.emb_shape, "float32", world=self.world, rows=rows)
+        return _shared_npy(path, self.act_shape, self.dtype, world=self.world, rows=rows)
 
     def labels(self, subset: str, labels: Sequence[int]) -> None:
         if self.world.is_main:
