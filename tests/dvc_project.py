@@ -4,18 +4,21 @@ copied for each end-to-end file (pytest-xdist's workers share it)."""
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests import stage_server
 from tests.helpers import PROJECT
 from twophase.params import Params, read_yaml, to_dict
 
@@ -66,20 +69,57 @@ def set_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(repo: Path, *args: str, check: bool = True) -> str:
-    """Run a command in `repo`; with `check`, it must succeed, else it must fail."""
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-    }
-    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+def run(repo: Path, *args: str, check: bool = True, plain: bool = False) -> str:
+    """Run a command in `repo`; with `check`, it must succeed, else it must fail. The stages it
+    starts run in children of the fork server (tests/stage_server.py), or with `plain` in the
+    real python."""
+    done = subprocess.run(args, cwd=repo, env=dvc_env(plain=plain), capture_output=True, text=True)
     output = done.stdout + done.stderr
     assert (done.returncode == 0) == check, (
         f"{' '.join(args)} exit {done.returncode}:\n{output[-4000:]}"
     )
     return output
+
+
+def dvc_env(plain: bool = False) -> dict[str, str]:
+    """The environment DVC runs in: this venv's tools first on PATH, and before them the fork
+    server's `python` unless `plain`."""
+    folders = [str(Path(sys.executable).parent), os.environ["PATH"]]
+    if not plain:
+        folders.insert(0, _stage_python())
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": os.pathsep.join(folders)}
+
+
+_SERVER: dict[str, str] = {}
+
+
+def _stage_python() -> str:
+    """The folder of the fork server's `python`; the server starts on the first call in this
+    process and stops when it exits."""
+    if not _SERVER:
+        folder = tempfile.mkdtemp(prefix="stage-server-")
+        address = os.path.join(folder, "socket")
+        log = open(os.path.join(folder, "server.log"), "w")  # noqa: SIM115 - the server's, until exit
+        server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("stage_server.py")), address],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+            text=True,
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready", Path(
+            log.name
+        ).read_text()
+
+        def stop() -> None:
+            server.terminate()
+            server.wait(timeout=30)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(stop)
+        _SERVER["folder"] = stage_server.shim(folder, address)
+    return _SERVER["folder"]
 
 
 def commit(repo: Path, message: str) -> None:

@@ -4,18 +4,16 @@ which stages a change reruns, what a rerun keeps, a killed stage, a rejected par
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.dvc_project import STAGES, digits_project, ran, run, set_params
+from tests.dvc_project import STAGES, digits_project, dvc_env, ran, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -223,12 +221,8 @@ def test_a_killed_stage_leaves_no_partial_output(repo: Path, tmp_path: Path) -> 
     run(repo, "dvc", "checkout", "-q")
     history = repo / "plots/finetune/history.csv"
     set_params(repo / "params.yaml", {"finetune": {"epochs": 500, "patience": 500}})
-    env = {
-        **os.environ,
-        "DVC_NO_ANALYTICS": "1",
-        "PYTHONUNBUFFERED": "1",  # the epoch lines reach the log as they are printed
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    # the epoch lines reach the log as they are printed
+    env = {**dvc_env(), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "repro.log"
     with log.open("w") as sink:
         dvc = subprocess.Popen(

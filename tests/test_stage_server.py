@@ -1,0 +1,124 @@
+"""The end-to-end tests' fork server runs a script as the real python would: what DVC sees of a
+stage (exit status, streams, signals) must not depend on which `python` started it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.dvc_project import dvc_env
+
+
+def python(
+    tmp_path: Path, source: str, *args: str, stdin: str = "", plain: bool = False
+) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    env = {**dvc_env(plain=plain), "TWOPHASE_PROBE": "seen"}
+    return subprocess.run(
+        ["python", "script.py", *args],
+        cwd=tmp_path,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+PROBE = """
+    import json, os, sys
+    print(json.dumps({
+        "name": __name__, "file": __file__, "argv": sys.argv, "cwd": os.getcwd(),
+        "path0": sys.path[0],
+        "env": os.environ.get("TWOPHASE_PROBE"), "stdin": sys.stdin.read(),
+        "server": "torch" in sys.modules,
+    }))
+    print("to stderr", file=sys.stderr)
+"""
+
+
+def test_a_script_sees_what_the_real_python_gives_it(tmp_path: Path) -> None:
+    served = python(tmp_path, PROBE, "a", "--b=1", stdin="in")
+    plain = python(tmp_path, PROBE, "a", "--b=1", stdin="in", plain=True)
+    assert served.returncode == plain.returncode == 0, served.stderr
+    seen, expected = json.loads(served.stdout), json.loads(plain.stdout)
+    assert seen.pop("server") and not expected.pop("server"), "the child of the server ran it"
+    assert (
+        seen
+        == expected
+        == {
+            "name": "__main__",
+            "file": str(tmp_path / "script.py"),
+            "argv": ["script.py", "a", "--b=1"],
+            "cwd": str(tmp_path),
+            "path0": str(tmp_path),
+            "env": "seen",
+            "stdin": "in",
+        }
+    )
+    assert served.stderr == plain.stderr == "to stderr\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "code"),
+    [
+        ("import sys; sys.exit(3)", 3),
+        ("raise ValueError('bad stage')", 1),
+        ("import sys; sys.exit('one line')", 1),
+        ("import atexit; atexit.register(print, 'at exit')", 0),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL),
+    ],
+)
+def test_the_exit_status_is_the_scripts(tmp_path: Path, source: str, code: int) -> None:
+    served = python(tmp_path, source)
+    plain = python(tmp_path, source, plain=True)
+    assert served.returncode == plain.returncode == code, served.stderr
+    assert served.stdout == plain.stdout
+    assert served.stderr.splitlines()[-1:] == plain.stderr.splitlines()[-1:]
+
+
+def test_a_signal_to_the_shim_reaches_the_script(tmp_path: Path) -> None:
+    source = """
+        import os, signal, sys, time
+        def stop(number, frame):  # it may arrive inside print("ready"): no print here
+            os.write(1, b"terminated\\n")
+            sys.exit(5)
+        signal.signal(signal.SIGTERM, stop)
+        print("ready", flush=True)
+        time.sleep(60)
+    """
+    (tmp_path / "script.py").write_text(textwrap.dedent(source))
+    shim = subprocess.Popen(
+        ["python", "script.py"],
+        cwd=tmp_path,
+        env=dvc_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert shim.stdout is not None and shim.stdout.readline() == "ready\n", shim.communicate()
+    shim.send_signal(signal.SIGTERM)
+    assert shim.wait(timeout=30) == 5
+    assert shim.stdout.read() == "terminated\n"
+
+
+def test_anything_else_runs_the_real_python(tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["python", "-c", "import sys; print('torch' in sys.modules, sys.executable)"],
+        env=dvc_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == ["False", sys.executable]
+    missing = subprocess.run(
+        ["python", "missing.py"], cwd=tmp_path, env=dvc_env(), capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "can't open file" in missing.stderr
