@@ -60,6 +60,8 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Team:
     origin, storage = shared / "origin.git", shared / "storage"
     run(shared, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
     run(a, "git", "branch", "-M", "main")
+    for key, value in (("user.name", "A"), ("user.email", "a@example.com")):  # for gto's tags
+        run(a, "git", "config", key, value)
     run(a, "dvc", "remote", "add", "-d", "storage", str(storage))
     run(a, "git", "add", ".dvc/config")
     run(a, "git", *GIT_USER, "commit", "-qm", "DVC remote")
@@ -132,14 +134,13 @@ def test_the_registry_serves_both_models_of_a_version(
         assert {"resnet18", "digits"} <= set(artifact.labels), artifact.labels
 
     # a lightweight tag is no version: DVC's registry reads annotated tags only
-    run(a, "git", "tag", "image-classifier@v0.1.0", "main")
+    run(a, "git", "tag", "image-classifier@v0.1.0")
     run(a, "git", "push", "-q", "origin", "image-classifier@v0.1.0")
     refused = run(tmp_path, "dvc", "artifacts", "get", origin, "image-classifier", check=False)
     assert "via DVC remote: Unable to find artifact 'image-classifier'" in refused, refused
-    tags = [f"{name}@{VERSION}" for name in ARTIFACTS]
-    for tag in tags:
-        run(a, "git", *GIT_USER, "tag", "-a", tag, "-m", "resnet18 on digits", "main")
-    run(a, "git", "push", "-q", "origin", *tags)
+    run(a, "git", *GIT_USER, "tag", "-a", f"image-classifier@{VERSION}", "-m", "resnet18")
+    run(a, "gto", "register", "image-classifier-onnx", "HEAD", "--version", VERSION)
+    run(a, "git", "push", "-q", "origin", *(f"{name}@{VERSION}" for name in ARTIFACTS))
 
     got = run(tmp_path, "dvc", "artifacts", "get", origin, "image-classifier")
     got += run(
