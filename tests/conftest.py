@@ -18,7 +18,12 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
 # The longest files first (one worker each, with --dist loadfile), the rest as workers free up.
-LONGEST_FIRST = ("test_e2e.py", "test_e2e_data.py", "test_e2e_experiments.py")
+LONGEST_FIRST = (
+    "test_e2e.py",
+    "test_e2e_data.py",
+    "test_e2e_experiments.py",
+    "test_e2e_team.py",
+)
 
 
 @pytest.fixture
