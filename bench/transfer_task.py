@@ -64,6 +64,8 @@ sys.path.insert(0, str(BENCH))
 
 from run import copy_project  # noqa: E402
 
+sys.path.insert(0, str(PROJECT))
+from scripts.recipe import recipe_args  # noqa: E402
 from twophase.params import flatten  # noqa: E402
 
 # name -> the `-S` overrides of that setting, passed to `dvc exp run` unchanged
@@ -76,6 +78,12 @@ SETTINGS: dict[str, list[str]] = {
     "drop_path": ["model.drop_path=0.1"],  # refused by the validate stage for a ResNet
     "rand_augment": ["data.augment=[rand_augment]", "features.views=4"],
     "random_erasing": ["data.augment=[random_erasing]", "features.views=4"],
+}
+# each recipe of recipes/ (the README's recipe table) on top of the task's params, as
+# `make recipe` applies it on top of params.yaml
+SETTINGS |= {
+    f"recipe-{path.stem}": recipe_args(path)[1::2]
+    for path in sorted((PROJECT / "recipes").glob("*.yaml"))
 }
 # the target task's params on top of params.yaml's defaults (the digits recipe of the Makefile)
 BASE: dict[str, Any] = {

@@ -99,13 +99,14 @@ def _stage_python() -> str:
     if not _SERVER:
         folder = tempfile.mkdtemp(prefix="stage-server-")
         address = os.path.join(folder, "socket")
+        server_env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
         log = open(os.path.join(folder, "server.log"), "w")  # noqa: SIM115 - the server's, until exit
         server = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("stage_server.py")), address],
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+            env=server_env,
             text=True,
         )
         assert server.stdout is not None and server.stdout.readline().strip() == "ready", Path(
@@ -118,7 +119,7 @@ def _stage_python() -> str:
             shutil.rmtree(folder, ignore_errors=True)
 
         atexit.register(stop)
-        _SERVER["folder"] = stage_server.shim(folder, address)
+        _SERVER["folder"] = stage_server.shim(folder, address, server_env)
     return _SERVER["folder"]
 
 

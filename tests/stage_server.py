@@ -38,26 +38,47 @@ PRELOAD = (
     "onnxscript",
     "matplotlib.pyplot",
 )
+# Read by libraries as they are imported, so fixed in the server for good: a request whose
+# environment differs in any of them runs the real python instead.
+IMPORT_TIME_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "PYTHONPATH",
+    "PYTHONHASHSEED",
+    "PYTHONWARNINGS",
+    "MPLBACKEND",
+    "TORCH_LOGS",
+)
 SHIM = """#!{python} -I
 # The end-to-end tests' `python` (tests/stage_server.py): `python <script.py> ...` runs in a
 # child of the fork server; anything else is the real python.
 import json, os, signal, socket, sys
 
 REAL = {python!r}
+SERVER_ENV = {server_env!r}
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 args = sys.argv[1:]
-if not args or not args[0].endswith(".py") or not os.path.isfile(args[0]):
+if (
+    not args
+    or not args[0].endswith(".py")
+    or not os.path.isfile(args[0])
+    or any(os.environ.get(key) != value for key, value in SERVER_ENV.items())
+):
     os.execv(REAL, [REAL, *args])
 conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
     conn.connect({address!r})
 except OSError:
     os.execv(REAL, [REAL, *args])
+signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # held until the child's pid is known
 request = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
 socket.send_fds(conn, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
 reply = conn.makefile("rb")
 child = int(reply.readline())
-for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+for number in FORWARDED:
     signal.signal(number, lambda sig, frame: os.kill(child, sig))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 status = int(reply.readline() or b"-9")
 if status < 0:  # the child died of a signal: so does this process, as DVC would see it
     if -status not in (signal.SIGKILL, signal.SIGSTOP):
@@ -71,18 +92,36 @@ def serve(address: str) -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):  # a child imports what is missing, or fails as usual
             __import__(name)
+    parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
     listener.listen(16)
     clients: dict[int, socket.socket] = {}
     print("ready", flush=True)
-    while True:
-        readable, _, _ = select.select([listener], [], [], 0.05)
-        if readable:
+    while os.getppid() == parent:  # the test process is gone: so is the server, and its children
+        readable, _, _ = select.select([listener, *clients.values()], [], [], 0.05)
+        for pid, conn in list(clients.items()):
+            if conn in readable:  # the shim closed its end (it was killed): so ends its child
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if listener in readable:
             conn, _ = listener.accept()
-            pid = _start(conn, listener)
-            if pid:
-                clients[pid] = conn
+            try:
+                request, fds = _receive(conn)
+            except (OSError, ValueError):  # a shim gone before its request arrived whole
+                conn.close()
+                continue
+            pid = os.fork()
+            if pid == 0:  # never back into this loop: the script's exit is the process's
+                listener.close()
+                conn.close()
+                _run_child(request, fds)
+                sys.exit(0)  # the script returned: the interpreter shuts down as after it
+            for fd in fds:
+                os.close(fd)
+            with contextlib.suppress(OSError):  # a shim gone meanwhile: its EOF kills the child
+                conn.sendall(f"{pid}\n".encode())
+            clients[pid] = conn
         for pid, conn in list(clients.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -91,32 +130,35 @@ def serve(address: str) -> None:
                     conn.sendall(f"{code}\n".encode())
                 conn.close()
                 del clients[pid]
+    for pid in clients:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
-def _start(conn: socket.socket, listener: socket.socket) -> int:
+def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    """A shim's request (argv, cwd, env) and its three standard streams."""
     header, fds, _, _ = socket.recv_fds(conn, 8, 3)
+    if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("no standard streams came with the request")
     size = int.from_bytes(header, "big")
     body = b""
     while len(body) < size:
-        body += conn.recv(size - len(body))
-    request = json.loads(body)
-    pid = os.fork()
-    if pid:
-        for fd in fds:
-            os.close(fd)
-        conn.sendall(f"{pid}\n".encode())
-        return pid
-    listener.close()
-    conn.close()
-    _run_child(request, fds)
-    return 0  # unreachable: _run_child exits
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("the request ended early")
+        body += chunk
+    return json.loads(body), fds
 
 
 def _run_child(request: dict, fds: list[int]) -> None:
-    import atexit
+    """Become the process `python <script>` would have started, then run the script. Its
+    exceptions, SystemExit and KeyboardInterrupt leave through the interpreter's own exit path
+    (excepthook, exit status, death by SIGINT, atexit, flushed files)."""
     import io
-    import threading
-    import traceback
 
     for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(number, signal.SIG_DFL)
@@ -129,46 +171,44 @@ def _run_child(request: dict, fds: list[int]) -> None:
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
 
     def stream(fd: int, mode: str) -> io.TextIOWrapper:
+        """As the interpreter opens fd 0, 1, 2: stdout line-buffered on a terminal, stderr
+        line-buffered, and with PYTHONUNBUFFERED no buffer at all between text and file."""
         raw = io.FileIO(fd, mode, closefd=False)
         interactive = raw.isatty()
+        if "w" in mode and unbuffered:
+            return io.TextIOWrapper(
+                raw,  # type: ignore[arg-type]  # as CPython's -u: text straight to the file
+                encoding="utf-8",
+                errors="backslashreplace" if fd == 2 else "strict",
+                line_buffering=interactive or fd == 2,
+                write_through=True,
+            )
         buffered = io.BufferedWriter(raw) if "w" in mode else io.BufferedReader(raw)
         return io.TextIOWrapper(
             buffered,
             encoding="utf-8",
             errors="backslashreplace" if fd == 2 else "strict",
-            line_buffering=interactive or (fd == 2),
-            write_through=unbuffered and "w" in mode,
+            line_buffering=interactive or fd == 2,
         )
 
     sys.stdin, sys.stdout, sys.stderr = stream(0, "r"), stream(1, "w"), stream(2, "w")
+    if "numpy" in sys.modules:  # its global RandomState was seeded once, in the server
+        sys.modules["numpy"].random.seed()
     os.chdir(request["cwd"])
     script, *args = request["argv"]
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    code: int = 0
     try:
         _run_main(script)
-    except SystemExit as stop:
-        if stop.code is None:
-            code = 0
-        elif isinstance(stop.code, int):
-            code = stop.code
-        else:
-            print(stop.code, file=sys.stderr)
-            code = 1
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        code = 130
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter does at exit
+    except KeyboardInterrupt:  # the interpreter's way: the traceback, exit work, death by SIGINT
+        import atexit
+
+        sys.excepthook(*sys.exc_info())
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
-    finally:
-        os._exit(code)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _run_main(script: str) -> None:
@@ -189,11 +229,13 @@ def _run_main(script: str) -> None:
     exec(code, main.__dict__)
 
 
-def shim(folder: str, address: str) -> str:
-    """Write the `python` that talks to the server at `address` into `folder`; the folder."""
+def shim(folder: str, address: str, server_env: dict[str, str]) -> str:
+    """Write the `python` that talks to the server at `address`, started with `server_env`,
+    into `folder`; the folder."""
     path = os.path.join(folder, "python")
+    fixed = {key: server_env.get(key) for key in IMPORT_TIME_ENV}
     with open(path, "w") as out:
-        out.write(SHIM.format(python=sys.executable, address=address))
+        out.write(SHIM.format(python=sys.executable, address=address, server_env=fixed))
     os.chmod(path, 0o755)
     return folder
 

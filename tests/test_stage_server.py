@@ -8,19 +8,26 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.dvc_project import dvc_env
 
 
 def python(
-    tmp_path: Path, source: str, *args: str, stdin: str = "", plain: bool = False
+    tmp_path: Path,
+    source: str,
+    *args: str,
+    stdin: str = "",
+    plain: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
-    env = {**dvc_env(plain=plain), "TWOPHASE_PROBE": "seen"}
+    env = {**dvc_env(plain=plain), "TWOPHASE_PROBE": "seen", **(env or {})}
     return subprocess.run(
         ["python", "script.py", *args],
         cwd=tmp_path,
@@ -74,6 +81,8 @@ def test_a_script_sees_what_the_real_python_gives_it(tmp_path: Path) -> None:
         ("import sys; sys.exit('one line')", 1),
         ("import atexit; atexit.register(print, 'at exit')", 0),
         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL),
+        ("raise KeyboardInterrupt", -signal.SIGINT),  # Python dies of SIGINT, as DVC expects
+        ("import sys; sys.stdout.write('in the buffer'); f = open('out', 'w'); f.write('x')", 0),
     ],
 )
 def test_the_exit_status_is_the_scripts(tmp_path: Path, source: str, code: int) -> None:
@@ -82,6 +91,55 @@ def test_the_exit_status_is_the_scripts(tmp_path: Path, source: str, code: int) 
     assert served.returncode == plain.returncode == code, served.stderr
     assert served.stdout == plain.stdout
     assert served.stderr.splitlines()[-1:] == plain.stderr.splitlines()[-1:]
+    if (tmp_path / "out").exists():  # files left open are flushed at exit
+        assert (tmp_path / "out").read_text() == "x"
+
+
+def test_unbuffered_output_reaches_the_stream_at_once(tmp_path: Path) -> None:
+    source = "import os, sys; sys.stdout.write('written'); os._exit(0)"
+    unbuffered = {"PYTHONUNBUFFERED": "1"}
+    served = python(tmp_path, source, env=unbuffered)
+    plain = python(tmp_path, source, env=unbuffered, plain=True)
+    assert served.stdout == plain.stdout == "written"
+    buffered = {"PYTHONUNBUFFERED": ""}  # empty is unset
+    served, plain = (
+        python(tmp_path, source, env=buffered),
+        python(tmp_path, source, env=buffered, plain=True),
+    )
+    assert served.stdout == plain.stdout == "", "lost in the buffer, as with the real python"
+
+
+def test_each_child_draws_its_own_unseeded_numbers(tmp_path: Path) -> None:
+    source = "import numpy; print(numpy.random.randint(1 << 62))"
+    assert python(tmp_path, source).stdout != python(tmp_path, source).stdout
+
+
+def test_an_environment_read_at_import_runs_the_real_python(tmp_path: Path) -> None:
+    source = "import sys, os; print('torch' in sys.modules, os.environ['OMP_NUM_THREADS'])"
+    other = str(int(dvc_env().get("OMP_NUM_THREADS", "1")) + 1)
+    done = python(tmp_path, source, env={"OMP_NUM_THREADS": other})
+    assert done.stdout.split() == ["False", other], "the server's torch read another value"
+
+
+def test_a_killed_shim_takes_its_child_with_it(tmp_path: Path) -> None:
+    source = """
+        import os, time
+        open("pid", "w").write(str(os.getpid()))
+        time.sleep(120)
+    """
+    (tmp_path / "script.py").write_text(textwrap.dedent(source))
+    shim = subprocess.Popen(["python", "script.py"], cwd=tmp_path, env=dvc_env())
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int((tmp_path / "pid").read_text())
+    assert child != shim.pid, "the child of the server ran it"
+    shim.kill()
+    shim.wait()
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child outlived its shim"
+        time.sleep(0.05)
 
 
 def test_a_signal_to_the_shim_reaches_the_script(tmp_path: Path) -> None:
