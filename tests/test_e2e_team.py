@@ -62,9 +62,13 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Team:
     run(a, "git", "branch", "-M", "main")
     for key, value in (("user.name", "A"), ("user.email", "a@example.com")):  # for gto's tags
         run(a, "git", "config", key, value)
+    # as after a user's `dvc repro`: what the run wrote for git is not committed yet
+    run(a, "git", "reset", "-q", "HEAD~1")
+    assert run(a, "git", "status", "--porcelain", "dvc.lock").startswith("??")
     run(a, "dvc", "remote", "add", "-d", "storage", str(storage))
-    run(a, "git", "add", ".dvc/config")
-    run(a, "git", *GIT_USER, "commit", "-qm", "DVC remote")
+    run(a, "git", "add", ".dvc/config", "params.yaml", "dvc.lock", "metrics", "plots")
+    run(a, "git", *GIT_USER, "commit", "-qm", "DVC remote; results of dvc repro")
+    assert not run(a, "git", "status", "--porcelain"), "the docs' git add leaves nothing behind"
     run(a, "git", "remote", "add", "origin", str(origin))
     run(a, "git", "push", "-q", "origin", "main")
     run(a, "dvc", "push")
