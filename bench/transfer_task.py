@@ -76,6 +76,7 @@ SETTINGS: dict[str, list[str]] = {
     "mixup": ["train_transfer.mixup=0.2", "finetune.mixup=0.2"],
     "class_weights": ["train_transfer.class_weights=balanced", "finetune.class_weights=balanced"],
     "drop_path": ["model.drop_path=0.1"],  # refused by the validate stage for a ResNet
+    "drop_path_off": ["model.drop_path=0"],  # no stochastic depth (null: the library's rate)
     "rand_augment": ["data.augment=[rand_augment]", "features.views=4"],
     "random_erasing": ["data.augment=[random_erasing]", "features.views=4"],
 }
