@@ -23,6 +23,7 @@ import select
 import signal
 import socket
 import sys
+from typing import Any
 
 # Imported once in the server, before any fork (third-party only; never twophase).
 PRELOAD = (
@@ -174,21 +175,16 @@ def _run_child(request: dict, fds: list[int]) -> None:
         """As the interpreter opens fd 0, 1, 2: stdout line-buffered on a terminal, stderr
         line-buffered, and with PYTHONUNBUFFERED no buffer at all between text and file."""
         raw = io.FileIO(fd, mode, closefd=False)
-        interactive = raw.isatty()
-        if "w" in mode and unbuffered:
-            return io.TextIOWrapper(
-                raw,  # type: ignore[arg-type]  # as CPython's -u: text straight to the file
-                encoding="utf-8",
-                errors="backslashreplace" if fd == 2 else "strict",
-                line_buffering=interactive or fd == 2,
-                write_through=True,
-            )
-        buffered = io.BufferedWriter(raw) if "w" in mode else io.BufferedReader(raw)
+        writes_through = unbuffered and "w" in mode  # as CPython's -u: text straight to the file
+        buffer: Any = raw
+        if not writes_through:
+            buffer = io.BufferedWriter(raw) if "w" in mode else io.BufferedReader(raw)
         return io.TextIOWrapper(
-            buffered,
+            buffer,
             encoding="utf-8",
             errors="backslashreplace" if fd == 2 else "strict",
-            line_buffering=interactive or fd == 2,
+            line_buffering=raw.isatty() or fd == 2,
+            write_through=writes_through,
         )
 
     sys.stdin, sys.stdout, sys.stderr = stream(0, "r"), stream(1, "w"), stream(2, "w")
