@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -9,6 +10,13 @@ import numpy as np
 from PIL import Image
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+def docs_block(page: str, heading: str) -> str:
+    """The first Python block after `heading` in docs/<page>: the code the docs show, as run."""
+    text = (PROJECT / "docs" / page).read_text()
+    section = text[text.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
 def write_image(

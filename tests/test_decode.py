@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from tests.helpers import PROJECT
+from tests.helpers import docs_block
 from twophase.decode import load_rgb
 from twophase.model import Preprocessing
 
@@ -128,9 +127,7 @@ def test_docs_preprocessing_snippet_turns_photos_upright_as_twophase_does(
     from twophase.images import ImageDataset
     from twophase.predict import export_metadata
 
-    readme = (PROJECT / "docs" / "use-the-model.md").read_text()
-    section = readme[readme.index("## Preprocess an image without twophase") :]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    snippet = docs_block("use-the-model.md", "## Preprocess an image without twophase")
     checkpoint = {"arch": "resnet18", "class_names": ["a", "b"], "image_size": 16}
     checkpoint["preprocessing"] = {"mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.25)}
     model = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.dvc_project import GIT_USER, commit, digits_project, ran, run, set_params
-from tests.helpers import PROJECT
+from tests.helpers import PROJECT, docs_block
 from twophase.params import read_yaml
 
 pytestmark = pytest.mark.e2e
@@ -112,13 +112,6 @@ def test_a_colleague_pulls_the_experiment_and_retrains_nothing(team: Team, tmp_p
     output = run(b, "dvc", "repro")
     assert ran(output) == set(), output[-3000:]
     assert "Data and pipelines are up to date" in output, output[-3000:]
-
-
-def docs_block(page: str, heading: str) -> str:
-    """The first Python block after `heading` in docs/<page>."""
-    text = (PROJECT / "docs" / page).read_text()
-    section = text[text.index(heading) :]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
 def test_the_registry_serves_both_models_of_a_version(

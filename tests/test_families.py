@@ -11,7 +11,6 @@ non-ResNet.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import PROJECT, make_imagefolder
+from tests.helpers import docs_block, make_imagefolder
 from tests.test_phases import tiny_params
 from twophase import cache, features
 from twophase.batches import array_batches
@@ -50,13 +49,6 @@ TIMM = {  # the optional extra; installed with the dev dependencies
 }
 # resnet18's export: tests/test_predict.py
 EXPORTED = {*ONE_PER_FAMILY, "timm/convnext_atto"} - {"resnet18"}
-
-
-def docs_loader() -> str:
-    """The docs' snippet that loads a checkpoint with torchvision (or timm) alone."""
-    page = (PROJECT / "docs" / "use-the-model.md").read_text()
-    section = page[page.index("## Load a checkpoint without twophase") :]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +114,8 @@ def test_every_family_runs_the_whole_chain(
 
     # the checkpoint loads, strictly, into the library's own model without twophase
     namespace: dict = {}
-    exec(docs_loader().replace("models/finetune.pt", str(tuned)), namespace)
+    loader = docs_block("use-the-model.md", "## Load a checkpoint without twophase")
+    exec(loader.replace("models/finetune.pt", str(tuned)), namespace)
     plain = namespace["model"].eval()
     library = "timm." if arch.startswith("timm/") else "torchvision."
     assert type(plain).__module__.startswith(library), type(plain)
