@@ -8,6 +8,12 @@ a child that runs the script as `python <script>` would (`__main__`, `sys.argv`,
 exit status, atexit, signals). The server never imports twophase: each child imports the test
 project's own copy through the stage script, as a plain process does.
 
+A child leaves as the interpreter does (non-daemon threads joined, atexit, the script's globals
+released so that files it left open are flushed, the standard streams flushed) but does not tear
+down the libraries it inherited: that teardown writes to every page the server shares with it
+(seconds per stage) and frees nothing a process's exit does not. So an error that only the
+interpreter's last teardown would show is seen by the runs with the real python alone.
+
 Anything but `python <script.py> ...` with an existing script (`-m`, `-c`, flags), or no server,
 runs the real python.
 The first run on a user's image folder (tests/test_e2e_data.py) starts every stage with the real
@@ -17,13 +23,14 @@ python (`run(..., plain=True)`), so each is also proven to start as a user's doe
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 # Imported once in the server, before any fork (third-party only; never twophase).
 PRELOAD = (
@@ -93,6 +100,7 @@ def serve(address: str) -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):  # a child imports what is missing, or fails as usual
             __import__(name)
+    gc.freeze()  # what the server holds is never scanned by a child's collector (no page copied)
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
@@ -116,8 +124,7 @@ def serve(address: str) -> None:
             if pid == 0:  # never back into this loop: the script's exit is the process's
                 listener.close()
                 conn.close()
-                _run_child(request, fds)
-                sys.exit(0)  # the script returned: the interpreter shuts down as after it
+                _run_child(request, fds)  # never returns
             for fd in fds:
                 os.close(fd)
             with contextlib.suppress(OSError):  # a shim gone meanwhile: its EOF kills the child
@@ -155,10 +162,10 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
-def _run_child(request: dict, fds: list[int]) -> None:
-    """Become the process `python <script>` would have started, then run the script. Its
-    exceptions, SystemExit and KeyboardInterrupt leave through the interpreter's own exit path
-    (excepthook, exit status, death by SIGINT, atexit, flushed files)."""
+def _run_child(request: dict, fds: list[int]) -> NoReturn:
+    """Become the process `python <script>` would have started, run the script, and leave as the
+    interpreter leaves after it: the traceback of an uncaught exception, SystemExit's status or
+    message, death by SIGINT on KeyboardInterrupt, then the exit work of `_leave`."""
     import io
 
     for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
@@ -194,17 +201,43 @@ def _run_child(request: dict, fds: list[int]) -> None:
     script, *args = request["argv"]
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
+    status = 0
     try:
         _run_main(script)
-    except KeyboardInterrupt:  # the interpreter's way: the traceback, exit work, death by SIGINT
-        import atexit
-
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            status = stop.code or 0
+        else:  # `sys.exit("message")`: the message on stderr, status 1
+            print(stop.code, file=sys.stderr)
+            status = 1
+    except KeyboardInterrupt:  # the traceback, the exit work, then death by SIGINT
         sys.excepthook(*sys.exc_info())
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        _leave(0, die_by=signal.SIGINT)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    _leave(status)
+
+
+def _leave(status: int, die_by: int | None = None) -> NoReturn:
+    """The interpreter's exit work: wait for non-daemon threads, run atexit, release the
+    script's globals (a file left open is flushed and closed), flush the standard streams; then
+    exit with `status`, or die by the signal `die_by`. The inherited libraries are not torn down
+    (module docstring)."""
+    import atexit
+
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+    sys.modules["__main__"].__dict__.clear()
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream, as at a real exit
+            stream.flush()
+    if die_by is not None:
+        signal.signal(die_by, signal.SIG_DFL)
+        os.kill(os.getpid(), die_by)
+    os._exit(status & 0xFF)
 
 
 def _run_main(script: str) -> None:
