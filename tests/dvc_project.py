@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -129,16 +130,29 @@ def commit(repo: Path, message: str) -> None:
 
 
 def run_queue(repo: Path, timeout_s: float = 600) -> str:
-    """`dvc queue start` one worker, wait until nothing is queued or running; the final status."""
+    """`dvc queue start` one worker, wait until nothing is queued or running; the final status.
+    `dvc queue status` (two seconds of a core) is asked only while no experiment of `repo` is
+    running, so the wait takes no CPU from the runs it waits for."""
     run(repo, "dvc", "queue", "start", "-j", "1")
     deadline = time.monotonic() + timeout_s
     status = ""
     while time.monotonic() < deadline:
-        status = run(repo, "dvc", "queue", "status")
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(2)
+        if not _running_experiment(repo):
+            status = run(repo, "dvc", "queue", "status")
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+        time.sleep(1)
     return status
+
+
+def _running_experiment(repo: Path) -> bool:
+    """Whether a `dvc exp exec-run` of `repo`'s queue (one queued experiment) is running."""
+    runs = str(repo / ".dvc" / "tmp" / "exps")
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "exec-run" in cmdline and any(arg.startswith(runs) for arg in cmdline):
+            return True
+    return False
 
 
 def ran(output: str) -> set[str]:
