@@ -7,10 +7,12 @@ per epoch while reading the file in runs of whole blocks.
 
 from __future__ import annotations
 
+import gc
 import pickle
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -66,6 +68,23 @@ def test_reading_processes_and_device_copies_give_the_same_batches(
     assert _same(_epochs(make(num_workers=2)), reference)
     assert _same(_epochs(make().resident(torch.device("cpu"))), reference)
     assert reference[0][0][0].shape == (8, 3, 2, 2) and reference[0][0][0].dtype == torch.float32
+
+
+def test_reading_processes_stop_when_their_batches_are_dropped(tmp_path: Path) -> None:
+    """Dropping the batches stops their reading processes at once (no cycle left for the
+    cyclic collector, which may close the workers' queues first: each worker is then waited
+    for five seconds and killed, at the end of every phase run with compute.num_workers)."""
+    plain, _ = _cache(tmp_path)
+    batches = array_batches(plain, np.arange(len(plain)) % 3, 8, num_workers=2)
+    _epochs(batches)
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    gc.disable()  # only reference counting may free them
+    try:
+        del batches
+        assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        gc.enable()
 
 
 def test_a_memory_mapped_reader_travels_by_file_name(tmp_path: Path) -> None:

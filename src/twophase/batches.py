@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -152,16 +153,26 @@ class ArrayBatches:
 
 
 class _Keys:
-    """The sampler of the reading processes: this epoch's keys, drawn in the main process."""
+    """The sampler of the reading processes: this epoch's keys, drawn in the main process.
+
+    It holds its batches by a weak reference: a cycle (batches -> loader -> sampler -> batches)
+    would leave the loader to the cyclic collector, which may close the workers' queues before
+    the loader tells the workers to stop, and each worker is then waited for 5 s and killed."""
 
     def __init__(self, batches: ArrayBatches) -> None:
-        self.batches = batches
+        self.batches = weakref.ref(batches)
+
+    def _batches(self) -> ArrayBatches:
+        batches = self.batches()
+        if batches is None:  # pragma: no cover - the loader lives inside its batches
+            raise RuntimeError("the batches of this sampler are gone")
+        return batches
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        return self.batches.keys()
+        return self._batches().keys()
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self._batches())
 
 
 Rows = np.ndarray | torch.Tensor
