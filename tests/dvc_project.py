@@ -131,18 +131,17 @@ def commit(repo: Path, message: str) -> None:
 
 def run_queue(repo: Path, timeout_s: float = 600) -> str:
     """`dvc queue start` one worker, wait until nothing is queued or running; the final status.
-    `dvc queue status` (two seconds of a core) is asked only while no experiment of `repo` is
-    running, so the wait takes no CPU from the runs it waits for."""
+    `dvc queue status` (two seconds of a core) is not asked while an experiment of `repo` is
+    executing its stages, the longest part of a queued run."""
     run(repo, "dvc", "queue", "start", "-j", "1")
     deadline = time.monotonic() + timeout_s
-    status = ""
     while time.monotonic() < deadline:
         if not _running_experiment(repo):
             status = run(repo, "dvc", "queue", "status")
             if not re.search(r"\b(Queued|Running)\b", status):
-                break
-        time.sleep(1)
-    return status
+                return status
+        time.sleep(2)
+    return run(repo, "dvc", "queue", "status")  # what was still queued or running
 
 
 def _running_experiment(repo: Path) -> bool:

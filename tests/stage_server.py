@@ -8,11 +8,12 @@ a child that runs the script as `python <script>` would (`__main__`, `sys.argv`,
 exit status, atexit, signals). The server never imports twophase: each child imports the test
 project's own copy through the stage script, as a plain process does.
 
-A child leaves as the interpreter does (non-daemon threads joined, atexit, the script's globals
-released so that files it left open are flushed, the standard streams flushed) but does not tear
-down the libraries it inherited: that teardown writes to every page the server shares with it
-(seconds per stage) and frees nothing a process's exit does not. So an error that only the
-interpreter's last teardown would show is seen by the runs with the real python alone.
+A child leaves as the interpreter does (non-daemon threads joined, atexit, the script's
+`__main__` released so that its finalizers run and files it left open are flushed, the standard
+streams flushed, status 120 when stdout cannot be) but does not tear down the modules: that
+teardown writes to every page the server shares with it (seconds per stage). What only that
+teardown would do (finalizers of objects held by imported modules, C-level exit handlers) is
+seen by the runs with the real python alone.
 
 Anything but `python <script.py> ...` with an existing script (`-m`, `-c`, flags), or no server,
 runs the real python.
@@ -201,60 +202,101 @@ def _run_child(request: dict, fds: list[int]) -> NoReturn:
     script, *args = request["argv"]
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    status = 0
+    status, interrupted = 0, False
     try:
         _run_main(script)
     except SystemExit as stop:
-        if stop.code is None or isinstance(stop.code, int):
-            status = stop.code or 0
-        else:  # `sys.exit("message")`: the message on stderr, status 1
-            print(stop.code, file=sys.stderr)
-            status = 1
+        status = _exit_status(stop.code)
     except KeyboardInterrupt:  # the traceback, the exit work, then death by SIGINT
         sys.excepthook(*sys.exc_info())
-        _leave(0, die_by=signal.SIGINT)
+        status, interrupted = 128 + signal.SIGINT, True
     except BaseException:
         sys.excepthook(*sys.exc_info())
         status = 1
-    _leave(status)
+    _leave(status, die_by=signal.SIGINT if interrupted else None)
+
+
+def _exit_status(code: object) -> int:
+    """The status CPython gives `SystemExit(code)`: None is 0, an int its own (-1 when it does
+    not fit a C long), anything else is printed to stderr and gives 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code if -(2**63) <= code < 2**63 else -1
+    if sys.stderr is not None:
+        print(code, file=sys.stderr)
+    else:  # CPython writes to the C-level stderr
+        os.write(2, f"{code}\n".encode())
+    return 1
 
 
 def _leave(status: int, die_by: int | None = None) -> NoReturn:
     """The interpreter's exit work: wait for non-daemon threads, run atexit, release the
-    script's globals (a file left open is flushed and closed), flush the standard streams; then
-    exit with `status`, or die by the signal `die_by`. The inherited libraries are not torn down
-    (module docstring)."""
+    script's `__main__` (its finalizers run while its globals still exist, then files it left
+    open are flushed and closed), flush the standard streams (a failed stdout flush makes the
+    status 120, as in CPython); then exit with `status`, or die by the signal `die_by`. The
+    inherited libraries are not torn down (module docstring)."""
     import atexit
+    import weakref
 
-    if "threading" in sys.modules:
-        sys.modules["threading"]._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    sys.modules["__main__"].__dict__.clear()
-    gc.collect()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed or broken stream, as at a real exit
-            stream.flush()
-    if die_by is not None:
-        signal.signal(die_by, signal.SIG_DFL)
-        os.kill(os.getpid(), die_by)
-    os._exit(status & 0xFF)
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+        main = sys.modules.pop("__main__", None)
+        alive = weakref.ref(main) if main is not None else None
+        del main
+        gc.collect()
+        if alive is not None and (main := alive()) is not None:  # still referenced: as CPython
+            names = sorted(main.__dict__, key=lambda name: not name.startswith("_"))
+            for name in names:
+                if name != "__builtins__":
+                    main.__dict__[name] = None
+            del main
+            gc.collect()
+        try:
+            if sys.stdout is not None and not sys.stdout.closed:
+                sys.stdout.flush()
+        except Exception as error:  # reported as CPython reports it
+            status = 120
+            _report(error, sys.stdout)
+        with contextlib.suppress(Exception):  # CPython ignores a failed stderr flush
+            sys.stderr.flush()
+    except BaseException as error:  # an error in the exit work: reported, not fatal
+        _report(error, None)
+    finally:
+        if die_by is not None:
+            signal.signal(die_by, signal.SIG_DFL)
+            os.kill(os.getpid(), die_by)
+        os._exit(status & 0xFF)
+
+
+def _report(error: BaseException, obj: object) -> None:
+    """An error of the exit work on stderr, as CPython reports an unraisable one."""
+    import traceback
+
+    with contextlib.suppress(BaseException):
+        sys.stderr.write(f"Exception ignored in: {obj!r}\n")
+        traceback.print_exception(error, file=sys.stderr)
+        sys.stderr.flush()
 
 
 def _run_main(script: str) -> None:
     """Run `script` as the interpreter runs `python script`: a fresh `__main__` module whose
-    `__file__` is absolute, `sys.argv[0]` as given."""
+    `__file__` is absolute, `sys.argv[0]` as given. The module is `__main__` before the source
+    is read, so that an error reading or compiling it leaves as the script's."""
     import builtins
     import importlib.machinery
     import types
 
     path = os.path.abspath(script)
-    with open(path, "rb") as source:
-        code = compile(source.read(), path, "exec")
     main = types.ModuleType("__main__")
     main.__file__ = path
     main.__builtins__ = builtins
     main.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
     sys.modules["__main__"] = main
+    with open(path, "rb") as source:
+        code = compile(source.read(), path, "exec")
     exec(code, main.__dict__)
 
 

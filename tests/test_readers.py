@@ -78,6 +78,7 @@ def test_reading_processes_stop_when_their_batches_are_dropped(tmp_path: Path) -
     others = set(psutil.Process().children())  # e.g. the end-to-end tests' stage server
     batches = array_batches(plain, np.arange(len(plain)) % 3, 8, num_workers=2)
     _epochs(batches)
+    next(iter(batches))  # and an epoch left part-way (an lr-find, an error)
     workers = set(psutil.Process().children()) - others
     assert len(workers) == 2
     gc.disable()  # only reference counting may free them

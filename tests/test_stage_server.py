@@ -84,26 +84,47 @@ def test_a_script_sees_what_the_real_python_gives_it(tmp_path: Path) -> None:
         ("raise KeyboardInterrupt", -signal.SIGINT),  # Python dies of SIGINT, as DVC expects
         ("import sys; sys.stdout.write('in the buffer'); f = open('out', 'w'); f.write('x')", 0),
         # a non-daemon thread still running when the script ends is waited for
-        ("import threading, time; threading.Thread(target=time.sleep, args=(0.3,)).start()", 0),
         (
             "import threading, time\n"
             "def late(): time.sleep(0.3); print('the thread ended')\n"
             "threading.Thread(target=late).start()",
             0,
         ),
+        ("def broken(:\n    pass", 1),  # the SyntaxError is the last line, as the script's
+        # a finalizer of the script's globals runs while they still exist
+        ("import os\nclass T:\n    def __del__(self): os.write(1, b'finalized')\nt = T()", 0),
+        ("import sys; sys.exit(-1)", 255),
+        ("import sys; sys.exit(256)", 0),
+        ("import sys; sys.exit(2**64)", 255),
+        ("import sys; sys.exit(True)", 1),
     ],
 )
 def test_the_exit_status_is_the_scripts(tmp_path: Path, source: str, code: int) -> None:
     out = tmp_path / "out"
-    served = python(tmp_path, source)
+    buffered = {"PYTHONUNBUFFERED": ""}  # what is left in a buffer must be flushed at exit
+    served = python(tmp_path, source, env=buffered)
     served_out = out.read_text() if out.exists() else None
     out.unlink(missing_ok=True)
-    plain = python(tmp_path, source, plain=True)
+    plain = python(tmp_path, source, plain=True, env=buffered)
     assert served.returncode == plain.returncode == code, served.stderr
     assert served.stdout == plain.stdout
     assert served.stderr.splitlines()[-1:] == plain.stderr.splitlines()[-1:]
     # a file left open is flushed at exit
     assert served_out == (out.read_text() if out.exists() else None)
+
+
+def test_stdout_that_cannot_be_flushed_at_exit_gives_status_120(tmp_path: Path) -> None:
+    (tmp_path / "script.py").write_text("import time; time.sleep(1); print('late')\n")
+    codes = []
+    for plain in (False, True):
+        env = {**dvc_env(plain=plain), "PYTHONUNBUFFERED": ""}
+        process = subprocess.Popen(
+            ["python", "script.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE
+        )
+        assert process.stdout is not None
+        process.stdout.close()  # the reader is gone before the script's output is flushed
+        codes.append(process.wait(timeout=120))
+    assert codes == [120, 120]
 
 
 def test_unbuffered_output_reaches_the_stream_at_once(tmp_path: Path) -> None:

@@ -140,8 +140,7 @@ class ArrayBatches:
         return self
 
     def keys(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        for idx in self.order:
-            yield idx, None if self.drawn is None else self.drawn[idx]
+        return _keys(self.order, self.drawn)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.loader is not None:
@@ -152,12 +151,21 @@ class ArrayBatches:
         return len(self.order)
 
 
+def _keys(
+    order: BatchOrder, drawn: np.ndarray | None
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Each batch's row indices and their views this epoch (`set_epoch` replaces `drawn`)."""
+    for idx in order:
+        yield idx, None if drawn is None else drawn[idx]
+
+
 class _Keys:
     """The sampler of the reading processes: this epoch's keys, drawn in the main process.
 
-    It holds its batches by a weak reference: a cycle (batches -> loader -> sampler -> batches)
-    would leave the loader to the cyclic collector, which may close the workers' queues before
-    the loader tells the workers to stop, and each worker is then waited for 5 s and killed."""
+    Neither it nor the epoch's iterator of keys holds its batches (a weak reference): a cycle
+    (batches -> loader -> sampler or its iterator -> batches) would leave the loader to the
+    cyclic collector, which may close the workers' queues before the loader tells the workers
+    to stop, and each worker is then waited for 5 s and killed."""
 
     def __init__(self, batches: ArrayBatches) -> None:
         self.batches = weakref.ref(batches)
