@@ -17,12 +17,16 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
-# The longest files first (one worker each, with --dist loadfile), the rest as workers free up.
+# The longest files first, roughly longest to shortest (--dist loadfile hands a worker the next
+# file as it runs out), the rest as workers free up. The second needs no digits project: its
+# worker does not wait while the first builds it (tests/dvc_project.py).
 LONGEST_FIRST = (
     "test_e2e.py",
     "test_e2e_data.py",
     "test_e2e_experiments.py",
+    "test_families.py",
     "test_e2e_team.py",
+    "test_distributed.py",
 )
 
 

@@ -132,16 +132,45 @@ def commit(repo: Path, message: str) -> None:
 def run_queue(repo: Path, timeout_s: float = 600) -> str:
     """`dvc queue start` one worker, wait until nothing is queued or running; the final status.
     `dvc queue status` (two seconds of a core) is not asked while an experiment of `repo` is
-    executing its stages, the longest part of a queued run."""
-    run(repo, "dvc", "queue", "start", "-j", "1")
+    executing its stages, the longest part of a queued run.
+
+    The worker inherits `dvc queue start`'s streams, and would wait 10 s for more work once the
+    queue is empty: its output goes to a file, and `dvc queue stop` ends it when the queue is
+    done; no worker outlives this call."""
+    with tempfile.TemporaryFile() as log:
+        done = subprocess.run(
+            ["dvc", "queue", "start", "-j", "1"],
+            cwd=repo,
+            env=dvc_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.seek(0)
+        assert done.returncode == 0, log.read().decode(errors="replace")[-4000:]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not _running_experiment(repo):
             status = run(repo, "dvc", "queue", "status")
             if not re.search(r"\b(Queued|Running)\b", status):
-                return status
+                break
         time.sleep(2)
-    return run(repo, "dvc", "queue", "status")  # what was still queued or running
+    else:
+        status = run(repo, "dvc", "queue", "status")  # what was still queued or running
+    workers = _queue_workers(repo)
+    run(repo, "dvc", "queue", "stop")
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"a queue worker did not stop: {alive}"
+    return status
+
+
+def _queue_workers(repo: Path) -> list[psutil.Process]:
+    """The `dvc exp queue-worker` processes started in `repo`."""
+    workers = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if "queue-worker" in (process.info["cmdline"] or []) and process.info["cwd"] == str(repo):
+            workers.append(process)
+    return workers
 
 
 def _running_experiment(repo: Path) -> bool:
