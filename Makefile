@@ -22,7 +22,7 @@ EXP_COLUMNS := ^(Experiment|Created)$$|^(transfer|finetune)\.(accuracy|f1_macro)
 
 help:
 	@echo "make setup   create $(VENV) and install twophase with pinned dependencies"
-	@echo "make lock    resolve pyproject.toml's dependencies anew into constraints.txt"
+	@echo "make lock    resolve pyproject.toml's dependencies into constraints.txt (the pins)"
 	@echo "make digits  run the whole DAG offline on digits as a DVC experiment (params.yaml untouched)"
 	@echo "make test    lint, type-check and run the test suite (offline)"
 	@echo "make lint    ruff and mypy only"
@@ -37,14 +37,16 @@ help:
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/python -m uv pip install --python $(BIN)/python --constraint constraints.txt -e '.[dev]'
+	$(BIN)/python -m uv pip install --python $(BIN)/python --constraint constraints.txt \
+	  --build-constraints constraints.txt -e '.[dev]'
 	$(BIN)/python -m compileall -qq -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 
-# pyproject.toml's dependencies resolved anew into constraints.txt; then make setup and make test.
+# pyproject.toml's dependencies resolved into constraints.txt, keeping its pins where they still
+# fit, for Linux x86-64 and every Python from 3.11.0; then make setup and make test.
 lock:
-	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m uv pip compile --python $(BIN)/python \
-	  --quiet --no-header --no-annotate --extra dev pyproject.toml; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+	$(BIN)/python -m uv pip compile pyproject.toml --extra dev --output-file constraints.txt \
+	  --python-version 3.11.0 --python-platform x86_64-unknown-linux-gnu \
+	  --no-annotate --custom-compile-command "make lock"
 
 digits:
 	$(BIN)/dvc exp run $(DIGITS_MODE) $(DIGITS_PARAMS)

@@ -134,9 +134,9 @@ def run_queue(repo: Path, timeout_s: float = 600) -> str:
     `dvc queue status` (two seconds of a core) is not asked while an experiment of `repo` is
     executing its stages, the longest part of a queued run.
 
-    The worker inherits `dvc queue start`'s streams, and would wait 10 s for more work once the
+    The worker inherits `dvc queue start`'s streams and looks for more work every 10 s once the
     queue is empty: its output goes to a file, and `dvc queue stop` ends it when the queue is
-    done; no worker outlives this call."""
+    done (`--kill` at the deadline); no worker outlives this call."""
     with tempfile.TemporaryFile() as log:
         done = subprocess.run(
             ["dvc", "queue", "start", "-j", "1"],
@@ -158,9 +158,10 @@ def run_queue(repo: Path, timeout_s: float = 600) -> str:
     else:
         status = run(repo, "dvc", "queue", "status")  # what was still queued or running
     workers = _queue_workers(repo)
-    run(repo, "dvc", "queue", "stop")
+    late = time.monotonic() >= deadline
+    run(repo, "dvc", "queue", "stop", *(["--kill"] if late else []))
     _, alive = psutil.wait_procs(workers, timeout=60)
-    assert not alive, f"a queue worker did not stop: {alive}"
+    assert not alive, f"a queue worker did not stop: {alive}\n{status}"
     return status
 
 
