@@ -149,6 +149,7 @@ def run_queue(repo: Path, timeout_s: float = 600) -> str:
         log.seek(0)
         assert done.returncode == 0, log.read().decode(errors="replace")[-4000:]
     deadline = time.monotonic() + timeout_s
+    stop = ["dvc", "queue", "stop"]
     while time.monotonic() < deadline:
         if not _running_experiment(repo):
             status = run(repo, "dvc", "queue", "status")
@@ -157,9 +158,9 @@ def run_queue(repo: Path, timeout_s: float = 600) -> str:
         time.sleep(2)
     else:
         status = run(repo, "dvc", "queue", "status")  # what was still queued or running
+        stop.append("--kill")
     workers = _queue_workers(repo)
-    late = time.monotonic() >= deadline
-    run(repo, "dvc", "queue", "stop", *(["--kill"] if late else []))
+    run(repo, *stop)
     _, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, f"a queue worker did not stop: {alive}\n{status}"
     return status

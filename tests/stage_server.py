@@ -202,18 +202,18 @@ def _run_child(request: dict, fds: list[int]) -> NoReturn:
     script, *args = request["argv"]
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    status, interrupted = 0, False
+    status, die_by = 0, None
     try:
         _run_main(script)
     except SystemExit as stop:
         status = _exit_status(stop.code)
     except KeyboardInterrupt:  # the traceback, the exit work, then death by SIGINT
         sys.excepthook(*sys.exc_info())
-        status, interrupted = 128 + signal.SIGINT, True
+        status, die_by = 128 + signal.SIGINT, signal.SIGINT
     except BaseException:
         sys.excepthook(*sys.exc_info())
         status = 1
-    _leave(status, die_by=signal.SIGINT if interrupted else None)
+    _leave(status, die_by)
 
 
 def _exit_status(code: object) -> int:
