@@ -1,4 +1,4 @@
-"""Repository configuration: the offline plots template and the CI workflow."""
+"""Repository configuration: the offline plots template, the CI workflow, DVC's YAML parser."""
 
 from __future__ import annotations
 
@@ -22,6 +22,17 @@ def test_committed_plots_template_is_what_the_generator_makes() -> None:
 def test_dvc_uses_the_offline_template() -> None:
     config = (PROJECT / ".dvc" / "config").read_text()
     assert "html_template = ../plots/offline_template.html" in config
+
+
+def test_dvc_reads_yaml_with_the_c_parser() -> None:
+    """DVC's plain YAML reads (dvc.lock on every command) take ruamel.yaml's C parser."""
+    from dvc.utils.serialize._yaml import parse_yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.main import CParser
+
+    assert CParser is not None, "ruamel.yaml.clib is a dependency (pyproject.toml)"
+    assert YAML(typ="safe").Parser is CParser
+    assert parse_yaml("stages:\n  a: {cmd: x}\n", "dvc.yaml") == {"stages": {"a": {"cmd": "x"}}}
 
 
 def test_workflow_passes_actionlint() -> None:
