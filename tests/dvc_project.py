@@ -71,9 +71,9 @@ def set_params(path: Path, overrides: dict) -> None:
 
 
 def run(repo: Path, *args: str, check: bool = True, plain: bool = False) -> str:
-    """Run a command in `repo`; with `check`, it must succeed, else it must fail. The stages it
-    starts run in children of the fork server (tests/stage_server.py), or with `plain` in the
-    real python."""
+    """Run a command in `repo`; with `check`, it must succeed, else it must fail. `dvc` and the
+    stages it starts run in children of the fork servers (tests/stage_server.py), or with
+    `plain` as the real programs."""
     done = subprocess.run(args, cwd=repo, env=dvc_env(plain=plain), capture_output=True, text=True)
     output = done.stdout + done.stderr
     assert (done.returncode == 0) == check, (
@@ -84,44 +84,51 @@ def run(repo: Path, *args: str, check: bool = True, plain: bool = False) -> str:
 
 def dvc_env(plain: bool = False) -> dict[str, str]:
     """The environment DVC runs in: this venv's tools first on PATH, and before them the fork
-    server's `python` unless `plain`."""
+    servers' `python` and `dvc` unless `plain`."""
     folders = [str(Path(sys.executable).parent), os.environ["PATH"]]
     if not plain:
-        folders.insert(0, _stage_python())
+        folders.insert(0, _served_commands())
     return {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": os.pathsep.join(folders)}
 
 
-_SERVER: dict[str, str] = {}
+REAL_DVC = str(Path(sys.executable).parent / "dvc")  # the venv's own, never a fork server's
+_SERVED: list[str] = []
 
 
-def _stage_python() -> str:
-    """The folder of the fork server's `python`; the server starts on the first call in this
-    process and stops when it exits."""
-    if not _SERVER:
+def _served_commands() -> str:
+    """The folder of the fork servers' `python` and `dvc`; the servers start on the first call
+    in this process and stop when it exits."""
+    if not _SERVED:
         folder = tempfile.mkdtemp(prefix="stage-server-")
-        address = os.path.join(folder, "socket")
         server_env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-        log = open(os.path.join(folder, "server.log"), "w")  # noqa: SIM115 - the server's, until exit
-        server = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("stage_server.py")), address],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            env=server_env,
-            text=True,
-        )
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready", Path(
-            log.name
-        ).read_text()
+        servers = []
+        for kind in ("python", "dvc"):
+            address = os.path.join(folder, f"{kind}.socket")
+            log = open(os.path.join(folder, f"{kind}.log"), "w")  # noqa: SIM115 - until exit
+            server = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("stage_server.py")), address, kind],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=server_env,
+                text=True,
+            )
+            servers.append((server, log, kind, address))
+        for server, log, kind, address in servers:  # both import at once, on both cores
+            assert server.stdout is not None
+            assert server.stdout.readline().strip() == "ready", Path(log.name).read_text()
+            stage_server.shim(folder, address, server_env, kind)
 
         def stop() -> None:
-            server.terminate()
-            server.wait(timeout=30)
+            for server, *_ in servers:
+                server.terminate()
+            for server, *_ in servers:
+                server.wait(timeout=30)
             shutil.rmtree(folder, ignore_errors=True)
 
         atexit.register(stop)
-        _SERVER["folder"] = stage_server.shim(folder, address, server_env)
-    return _SERVER["folder"]
+        _SERVED.append(folder)
+    return _SERVED[0]
 
 
 def commit(repo: Path, message: str) -> None:

@@ -17,8 +17,13 @@ seen by the runs with the real python alone.
 
 Anything but `python <script.py> ...` with an existing script (`-m`, `-c`, flags), or no server,
 runs the real python.
-The first run on a user's image folder (tests/test_e2e_data.py) starts every stage with the real
-python (`run(..., plain=True)`), so each is also proven to start as a user's does.
+
+`dvc` itself is served the same way by a second server, which imported DVC's modules (most of a
+short dvc command's time): its `dvc` runs the venv's own `dvc` console script in a child, as the
+shebang would, whenever the environment is the server's (but for PATH and pytest's
+current test); otherwise the real one.
+The first run on a user's image folder (tests/test_e2e_data.py) starts dvc and every stage
+for real (`run(..., plain=True)`), so each is also proven to start as a user's does.
 """
 
 from __future__ import annotations
@@ -33,20 +38,45 @@ import socket
 import sys
 from typing import Any, NoReturn
 
-# Imported once in the server, before any fork (third-party only; never twophase).
-PRELOAD = (
-    "numpy",
-    "pandas",
-    "yaml",
-    "PIL.Image",
-    "torch",
-    "torchvision",
-    "sklearn.datasets",
-    "sklearn.model_selection",
-    "onnx",
-    "onnxscript",
-    "matplotlib.pyplot",
-)
+# Imported once in each server, before any fork: for the stages, third-party only (never
+# twophase); for dvc, the modules its commands import (status, repro, exp run/show, metrics,
+# params, plots, dag, queue).
+PRELOAD = {
+    "python": (
+        "numpy",
+        "pandas",
+        "yaml",
+        "PIL.Image",
+        "torch",
+        "torchvision",
+        "sklearn.datasets",
+        "sklearn.model_selection",
+        "onnx",
+        "onnxscript",
+        "matplotlib.pyplot",
+    ),
+    "dvc": (
+        "dvc.cli",
+        "dvc.cli.parser",
+        "dvc.repo",
+        "dvc.repo.index",
+        "dvc.repo.experiments.show",
+        "dvc.repo.experiments.queue.celery",
+        "dvc.repo.reproduce",
+        "dvc.repo.plots",
+        "dvc.repo.metrics.show",
+        "dvc.repo.params.show",
+        "dvc.repo.status",
+        "dvc.repo.checkout",
+        "dvc.dvcfile",
+        "dvc.stage.cache",
+        "dvc.output",
+        "dvc_render",
+        "scmrepo.git.backend.pygit2",
+        "scmrepo.git.backend.dulwich",
+        "networkx",
+    ),
+}
 # Read by libraries as they are imported, so fixed in the server for good: a request whose
 # environment differs in any of them runs the real python instead.
 IMPORT_TIME_ENV = (
@@ -59,21 +89,26 @@ IMPORT_TIME_ENV = (
     "MPLBACKEND",
     "TORCH_LOGS",
 )
+# Free to differ between the dvc server and a request: PATH, and what pytest sets for each test
+# (read by nothing that DVC imports).
+VARYING_ENV = ("PATH", "PYTEST_CURRENT_TEST")
 SHIM = """#!{python} -I
-# The end-to-end tests' `python` (tests/stage_server.py): `python <script.py> ...` runs in a
-# child of the fork server; anything else is the real python.
+# The end-to-end tests' `{name}` (tests/stage_server.py): `python <script.py> ...`, or the
+# `dvc` console script, runs in a child of a fork server; anything else runs for real.
 import json, os, signal, socket, sys
 
 REAL = {python!r}
+SCRIPT = {script!r}  # the console script this shim stands for; None for python itself
 SERVER_ENV = {server_env!r}
+EXACT = {exact!r}  # the whole environment but VARYING is the server's, or only SERVER_ENV's keys
+VARYING = {varying!r}
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-args = sys.argv[1:]
-if (
-    not args
-    or not args[0].endswith(".py")
-    or not os.path.isfile(args[0])
-    or any(os.environ.get(key) != value for key, value in SERVER_ENV.items())
-):
+args = sys.argv[1:] if SCRIPT is None else [SCRIPT, *sys.argv[1:]]
+if EXACT:
+    same_env = {{k: v for k, v in os.environ.items() if k not in VARYING}} == SERVER_ENV
+else:
+    same_env = all(os.environ.get(key) == value for key, value in SERVER_ENV.items())
+if not (args and (SCRIPT or args[0].endswith(".py")) and os.path.isfile(args[0]) and same_env):
     os.execv(REAL, [REAL, *args])
 conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
@@ -97,10 +132,12 @@ sys.exit(status)
 """
 
 
-def serve(address: str) -> None:
-    for name in PRELOAD:
+def serve(address: str, kind: str) -> None:
+    for name in PRELOAD[kind]:
         with contextlib.suppress(ImportError):  # a child imports what is missing, or fails as usual
             __import__(name)
+    if kind == "dvc":
+        _undo_dvc_logging_setup()
     gc.freeze()  # what the server holds is never scanned by a child's collector (no page copied)
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -125,7 +162,7 @@ def serve(address: str) -> None:
             if pid == 0:  # never back into this loop: the script's exit is the process's
                 listener.close()
                 conn.close()
-                _run_child(request, fds)  # never returns
+                _run_child(request, fds, kind)  # never returns
             for fd in fds:
                 os.close(fd)
             with contextlib.suppress(OSError):  # a shim gone meanwhile: its EOF kills the child
@@ -163,7 +200,22 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
-def _run_child(request: dict, fds: list[int]) -> NoReturn:
+def _undo_dvc_logging_setup() -> None:
+    """Importing dvc runs `dvc.logger.setup()`, which binds the importing process's streams and
+    environment (colorama's wrapping of stdout/stderr, the log handlers and their colours,
+    DVC_SHOW_TRACEBACK): the server undoes it, and each child sets it up on its own."""
+    import logging
+
+    import colorama
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+    colorama.deinit()
+
+
+def _run_child(request: dict, fds: list[int], kind: str) -> NoReturn:
     """Become the process `python <script>` would have started, run the script, and leave as the
     interpreter leaves after it: the traceback of an uncaught exception, SystemExit's status or
     message, death by SIGINT on KeyboardInterrupt, then the exit work of `_leave`."""
@@ -196,6 +248,8 @@ def _run_child(request: dict, fds: list[int]) -> NoReturn:
         )
 
     sys.stdin, sys.stdout, sys.stderr = stream(0, "r"), stream(1, "w"), stream(2, "w")
+    if kind == "dvc" and "dvc.logger" in sys.modules:  # as `import dvc` did in the server
+        sys.modules["dvc.logger"].setup()
     if "numpy" in sys.modules:  # its global RandomState was seeded once, in the server
         sys.modules["numpy"].random.seed()
     os.chdir(request["cwd"])
@@ -300,16 +354,29 @@ def _run_main(script: str) -> None:
     exec(code, main.__dict__)
 
 
-def shim(folder: str, address: str, server_env: dict[str, str]) -> str:
-    """Write the `python` that talks to the server at `address`, started with `server_env`,
-    into `folder`; the folder."""
-    path = os.path.join(folder, "python")
-    fixed = {key: server_env.get(key) for key in IMPORT_TIME_ENV}
+def shim(folder: str, address: str, server_env: dict[str, str], kind: str) -> str:
+    """Write the `python` (kind "python") or `dvc` (kind "dvc") that talks to the server of that
+    kind at `address`, started with `server_env`, into `folder`; the folder."""
+    path = os.path.join(folder, kind)
+    if kind == "dvc":
+        script = os.path.join(os.path.dirname(sys.executable), "dvc")
+        fixed = {key: value for key, value in server_env.items() if key not in VARYING_ENV}
+    else:
+        script, fixed = None, {key: server_env.get(key) for key in IMPORT_TIME_ENV}
+    source = SHIM.format(
+        python=sys.executable,
+        name=kind,
+        script=script,
+        server_env=fixed,
+        exact=kind == "dvc",
+        varying=VARYING_ENV,
+        address=address,
+    )
     with open(path, "w") as out:
-        out.write(SHIM.format(python=sys.executable, address=address, server_env=fixed))
+        out.write(source)
     os.chmod(path, 0o755)
     return folder
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv[2])

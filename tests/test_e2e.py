@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.dvc_project import STAGES, digits_project, dvc_env, ran, run, set_params
+from tests.dvc_project import REAL_DVC, STAGES, digits_project, dvc_env, ran, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -236,8 +236,8 @@ def test_a_killed_stage_leaves_no_partial_output(repo: Path, tmp_path: Path) -> 
     env = {**dvc_env(), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "repro.log"
     with log.open("w") as sink:
-        dvc = subprocess.Popen(
-            ["dvc", "repro"], cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True
+        dvc = subprocess.Popen(  # the real dvc: the stage is among its own descendants
+            [REAL_DVC, "repro"], cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and dvc.poll() is None:

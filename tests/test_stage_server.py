@@ -212,3 +212,58 @@ def test_anything_else_runs_the_real_python(tmp_path: Path) -> None:
         ["python", "missing.py"], cwd=tmp_path, env=dvc_env(), capture_output=True, text=True
     )
     assert missing.returncode == 2 and "can't open file" in missing.stderr
+
+
+ANCESTORS = """
+import json, os, psutil
+print(json.dumps([" ".join(p.cmdline()) for p in psutil.Process(os.getpid()).parents()]))
+"""
+
+
+def test_dvc_runs_in_a_child_of_its_server_as_the_real_dvc_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served `dvc` runs the venv's console script: same output, same exit status; an
+    environment other than the server's (but for PATH and pytest's current test) runs the real
+    dvc."""
+    dvc_env()  # the servers run (in this worker, maybe from an earlier test)
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "another test")
+
+    def dvc(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["dvc", *args],
+            cwd=tmp_path,
+            env={**dvc_env(), **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert dvc("init", "-q").returncode == 0
+    (tmp_path / "ancestors.py").write_text(ANCESTORS)
+    # the stage's python is the real one (PYTHONHASHSEED is read at start-up): a child of dvc's
+    stage = "PYTHONHASHSEED=0 python ancestors.py"
+    assert dvc("stage", "add", "-q", "-n", "probe", stage).returncode == 0
+
+    def ancestors(done: subprocess.CompletedProcess) -> list[str]:
+        assert done.returncode == 0, done.stderr
+        return json.loads(next(line for line in done.stdout.splitlines() if line[:2] == '["'))
+
+    served = ancestors(dvc("repro", "--force"))
+    real = ancestors(dvc("repro", "--force", TWOPHASE_PROBE="another environment"))
+    dvc_process = 0 if "ancestors.py" not in served[0] else 1  # through a shell, or not
+    server = f"{Path(__file__).with_name('stage_server.py')} "  # with its socket and kind
+    assert served[dvc_process].split(server)[1].endswith(" dvc"), served
+    assert (
+        real[dvc_process] == f"{sys.executable} {Path(sys.executable).parent / 'dvc'} repro --force"
+    )
+    assert not any(server in line for line in real), real
+
+    for args in (("repro", "nothing"), ("status", "--no-such-flag"), ("version", "--help")):
+        served_done, real_done = dvc(*args), dvc(*args, TWOPHASE_PROBE="x")
+        assert (served_done.returncode, served_done.stdout, served_done.stderr) == (
+            real_done.returncode,
+            real_done.stdout,
+            real_done.stderr,
+        ), args
