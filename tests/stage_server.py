@@ -1,4 +1,4 @@
-"""A fork server for the end-to-end tests' stage processes.
+"""Fork servers for the end-to-end tests' stage processes and `dvc` commands.
 
 Every DVC stage is `python stages/<stage>.py`, and most of a stage's time on tiny data is spent
 importing torch and torchvision (seconds, every stage, every run). The end-to-end tests put a
@@ -21,7 +21,10 @@ runs the real python.
 `dvc` itself is served the same way by a second server, which imported DVC's modules (most of a
 short dvc command's time): its `dvc` runs the venv's own `dvc` console script in a child, as the
 shebang would, whenever the environment is the server's (but for PATH and pytest's
-current test); otherwise the real one.
+current test); otherwise the real one. A served process is the server's child, not its caller's:
+it is outside the caller's process group and session (a signal sent to the group, such as
+`dvc queue kill` without `--force`, does not reach it), does not inherit the caller's ignored
+signals, and shares the server's hash seed with every other served process.
 The first run on a user's image folder (tests/test_e2e_data.py) starts dvc and every stage
 for real (`run(..., plain=True)`), so each is also proven to start as a user's does.
 """
@@ -203,7 +206,9 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
 def _undo_dvc_logging_setup() -> None:
     """Importing dvc runs `dvc.logger.setup()`, which binds the importing process's streams and
     environment (colorama's wrapping of stdout/stderr, the log handlers and their colours,
-    DVC_SHOW_TRACEBACK): the server undoes it, and each child sets it up on its own."""
+    DVC_SHOW_TRACEBACK): the server undoes it, and each child sets it up on its own.
+    dvc_studio_client's handler keeps the server's stderr object, whose file descriptor 2 is,
+    in a child, the request's stderr."""
     import logging
 
     import colorama

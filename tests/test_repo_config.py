@@ -24,15 +24,33 @@ def test_dvc_uses_the_offline_template() -> None:
     assert "html_template = ../plots/offline_template.html" in config
 
 
-def test_dvc_reads_yaml_with_the_c_parser() -> None:
-    """DVC's plain YAML reads (dvc.lock on every command) take ruamel.yaml's C parser."""
-    from dvc.utils.serialize._yaml import parse_yaml
-    from ruamel.yaml import YAML
+def test_dvc_reads_yaml_with_the_c_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dvc command's reads of dvc.yaml and dvc.lock take ruamel.yaml's C parser (its writes
+    keep the round-trip parser, which preserves comments)."""
+    import ruamel.yaml
+    from dvc.repo import Repo
     from ruamel.yaml.main import CParser
 
     assert CParser is not None, "ruamel.yaml.clib is a dependency (pyproject.toml)"
-    assert YAML(typ="safe").Parser is CParser
-    assert parse_yaml("stages:\n  a: {cmd: x}\n", "dvc.yaml") == {"stages": {"a": {"cmd": "x"}}}
+    parsers: list[tuple[str, object]] = []
+
+    class Spy(ruamel.yaml.YAML):
+        def load(self, stream: object) -> object:
+            parsers.append((str(self.typ), self.Parser))
+            return super().load(stream)
+
+    monkeypatch.setattr(ruamel.yaml, "YAML", Spy)
+    monkeypatch.chdir(tmp_path)
+    Repo.init(str(tmp_path), no_scm=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo\n    outs: [out]\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  a:\n    cmd: echo\n    outs:\n    - path: out\n"
+        "      md5: d41d8cd98f00b204e9800998ecf8427e\n      size: 0\n"
+    )
+    parsers.clear()
+    with Repo(str(tmp_path)) as repo:
+        assert list(repo.status()) == ["a"]  # dvc.yaml and dvc.lock read, the output missing
+    assert len(parsers) >= 2 and all(p == ("['safe']", CParser) for p in parsers), parsers
 
 
 def test_workflow_passes_actionlint() -> None:
