@@ -3,9 +3,10 @@
     python scripts/readme_examples.py          # about 2 minutes on a 2-core CPU
 
 In a fresh clone of HEAD (in a temporary folder), it runs the flow of docs/experiments.md:
-`make digits`, `dvc exp apply`, a phase-1-only experiment, the narrow `dvc exp show` view and
-`dvc metrics diff`; then it rewrites the blocks of docs/experiments.md between
-`<!-- example:NAME -->` and `<!-- /example -->`.
+`make digits`, `dvc exp apply`, `git add dvc.lock metrics plots`, a phase-1-only experiment
+(which must not train phase 1 again), the narrow `dvc exp show` view and `dvc metrics diff`;
+then it rewrites the blocks of docs/experiments.md between `<!-- example:NAME -->` and
+`<!-- /example -->`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def main() -> None:
             raise SystemExit(f"make digits named no experiment:\n{out}")
         digits = name.group(1)
         sh(repo, "dvc", "exp", "apply", digits)
-        sh(repo, "dvc", "exp", "run", "--temp", "-n", "phase1-only", "-S", "finetune.epochs=0")
+        sh(repo, "git", "add", "dvc.lock", "metrics", "plots")
+        epochs = "finetune.epochs=0"
+        run = sh(repo, "dvc", "exp", "run", "--temp", "-n", "phase1-only", "-S", epochs)
+        if "Running stage 'train_transfer'" in run:
+            raise SystemExit(f"the phase-1-only run trained phase 1 again:\n{run}")
         if yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["epochs"] == 0:
             raise SystemExit("the phase-1-only run left finetune.epochs: 0 in the workspace")
         examples = {

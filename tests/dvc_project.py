@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import psutil
 import pytest
@@ -101,7 +102,16 @@ def _served_commands() -> str:
     if not _SERVED:
         folder = tempfile.mkdtemp(prefix="stage-server-")
         server_env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-        servers = []
+        servers: list[tuple[subprocess.Popen, IO[str], str, str]] = []
+
+        def stop() -> None:
+            for server, *_ in servers:
+                server.terminate()
+            for server, *_ in servers:
+                server.wait(timeout=30)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(stop)  # also when a server fails to start
         for kind in ("python", "dvc"):
             address = os.path.join(folder, f"{kind}.socket")
             log = open(os.path.join(folder, f"{kind}.log"), "w")  # noqa: SIM115 - until exit
@@ -112,21 +122,15 @@ def _served_commands() -> str:
                 stdin=subprocess.DEVNULL,
                 env=server_env,
                 text=True,
+                # a session of its own, so that no signal to a served process's group reaches
+                # pytest (each served process leads a group of its own: stage_server.py)
+                start_new_session=True,
             )
             servers.append((server, log, kind, address))
         for server, log, kind, address in servers:  # both import at once, on both cores
             assert server.stdout is not None
             assert server.stdout.readline().strip() == "ready", Path(log.name).read_text()
             stage_server.shim(folder, address, server_env, kind)
-
-        def stop() -> None:
-            for server, *_ in servers:
-                server.terminate()
-            for server, *_ in servers:
-                server.wait(timeout=30)
-            shutil.rmtree(folder, ignore_errors=True)
-
-        atexit.register(stop)
         _SERVED.append(folder)
     return _SERVED[0]
 

@@ -22,9 +22,11 @@ runs the real python.
 short dvc command's time): its `dvc` runs the venv's own `dvc` console script in a child, as the
 shebang would, whenever the environment is the server's (but for PATH and pytest's
 current test); otherwise the real one. A served process is the server's child, not its caller's:
-it is outside the caller's process group and session (a signal sent to the group, such as
-`dvc queue kill` without `--force`, does not reach it), does not inherit the caller's ignored
-signals, and shares the server's hash seed with every other served process.
+it leads a process group of its own in the servers' session (a signal to its caller's group does
+not reach it; one to its own group, such as `dvc queue kill` without `--force` sends to a queued
+experiment, reaches it and its descendants alone, as for the queue's real, detached worker), does
+not inherit the caller's ignored signals, and shares the server's hash seed with every other
+served process.
 The first run on a user's image folder (tests/test_e2e_data.py) starts dvc and every stage
 for real (`run(..., plain=True)`), so each is also proven to start as a user's does.
 """
@@ -226,6 +228,7 @@ def _run_child(request: dict, fds: list[int], kind: str) -> NoReturn:
     message, death by SIGINT on KeyboardInterrupt, then the exit work of `_leave`."""
     import io
 
+    os.setpgid(0, 0)  # a group of its own: a signal to it reaches neither the server nor pytest
     for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(number, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
