@@ -7,8 +7,8 @@ gradient all-reduce, global batch statistics).
 Several processes run under torchrun with gloo on this CPU. The head has dropout (masks keyed by
 seed, epoch, step and global row) and `finetune.batchnorm: train` is covered (global batch
 statistics under DDP, with plain SGD in phase 2: see BATCHNORM), so neither hides behind a
-switched-off feature. The weight EMA
-(`ema`), which every rank keeps for itself, is compared the same way.
+switched-off feature. The weight EMA (`ema`), which every rank keeps for itself, is compared
+the same way.
 """
 
 from __future__ import annotations
@@ -184,10 +184,9 @@ def test_the_matrix_exercises_dropout_and_batch_statistics(runs: dict[str, Path]
     batchnorm: train run's phase 2 moves layer4's running statistics (frozen, they stay; its
     nproc-2 twin compares the global statistics' updates with them), and the EMA changes both
     phases' val losses (so they are exercised)."""
-    one = torch.load(runs["one"] / "t.pt", weights_only=True)
-    assert one["head"]["dropout"] == 0.3
     for run, moved in (("one", False), ("batchnorm-train", True)):  # layer4's statistics
         before, after = (torch.load(runs[run] / c, weights_only=True) for c in ("t.pt", "f.pt"))
+        assert before["head"]["dropout"] == 0.3, run
         keys = [k for k in after["state_dict"] if k.startswith("layer4.") and "running_" in k]
         assert keys, run
         same = [torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in keys]
